@@ -114,6 +114,12 @@ class BadRequest(ProxyError):
     decision = "deny"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    default_code = "request_timeout"
+    decision = "deny"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     default_code = "payload_too_large"

@@ -1,0 +1,233 @@
+"""Sidecar configuration: one YAML file, validated once at load into frozen dataclasses.
+
+Rules (DESIGN.md rule 5 and section 5):
+- Unknown keys are errors; every problem is reported with its key path (`listener.port: ...`).
+- Units are in the names (`_s`, `_bytes`); durations are seconds (float), sizes are bytes (int).
+- Environment overrides: `PORTCULLIS_<SECTION>__<KEY>=value` (nested keys joined by `__`, names
+  case-insensitive) replace the value at that path; the value is parsed as a YAML scalar/flow value,
+  so `PORTCULLIS_LISTENER__PORT=9443` is an integer. An override naming an unknown key is an error
+  like any other unknown key. Variables without `__` are not overrides.
+- Relative file paths are resolved against the directory of the config file.
+- There is no default that allows traffic: the policy file is required.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from proxy.core.schema import build, meta
+from proxy.core.spiffe import parse_trust_domain
+from proxy.errors import ConfigError, InvalidValue, Problem
+
+ENV_PREFIX = "PORTCULLIS_"
+
+
+def _port(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a port number 0..65535"
+
+
+def _trust_domain(v: str) -> str | None:
+    try:
+        parse_trust_domain(v)
+    except InvalidValue as exc:
+        return exc.reason
+    return None
+
+
+def _upstream_url(v: str) -> str | None:
+    if v.startswith("unix:"):
+        return None if v[5:].lstrip("/") else "unix: URL needs a socket path (unix:///run/app.sock)"
+    if not v.startswith("http://"):
+        return "must be http://HOST:PORT or unix:///path/to.sock (the sidecar talks plain HTTP/1.1 to its workload)"
+    rest = v[len("http://"):]
+    hostport = rest.split("/", 1)[0]
+    if "/" in rest and rest.split("/", 1)[1]:
+        return "must not have a path: the request path is forwarded as received"
+    if not hostport:
+        return "has no host"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    address: str = field(default="0.0.0.0", metadata=meta(nonempty=True, doc="data listener address"))
+    port: int = field(default=8443, metadata=meta(check=_port, doc="data listener port (mTLS)"))
+    backlog: int = field(default=1024, metadata=meta(min=1, max=65535, doc="listen(2) backlog"))
+    tls_min_version: Literal["1.2", "1.3"] = field(default="1.2", metadata=meta(doc="lowest TLS version"))
+    handshake_timeout_s: float = field(default=10.0, metadata=meta(min=0.1, doc="TLS handshake limit"))
+    header_timeout_s: float = field(default=10.0, metadata=meta(min=0.1, doc="time to receive a request head"))
+    idle_timeout_s: float = field(default=60.0, metadata=meta(min=0.1, doc="keep-alive idle limit"))
+    max_connections: int = field(default=10000, metadata=meta(min=1, doc="open client connections per worker"))
+    max_header_bytes: int = field(default=32768, metadata=meta(min=1024, doc="request line + headers size"))
+    max_headers: int = field(default=100, metadata=meta(min=8, max=10000, doc="header count limit"))
+
+
+@dataclass(frozen=True, slots=True)
+class TrustDomainConfig:
+    name: str = field(metadata=meta(check=_trust_domain, doc="trust domain name"))
+    bundle_file: str = field(metadata=meta(nonempty=True, doc="bundle file of this trust domain"))
+    format: Literal["pem", "spiffe"] = field(default="pem", metadata=meta(doc="pem or spiffe (JWKS)"))
+
+
+def _unique_trust_domains(tds: tuple[TrustDomainConfig, ...]) -> str | None:
+    names = [t.name for t in tds]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    return f"trust domain listed twice: {', '.join(dup)}" if dup else None
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    svid_file: str = field(metadata=meta(nonempty=True, doc="own X.509-SVID chain (spiffe-helper svid.pem)"))
+    svid_key_file: str = field(metadata=meta(nonempty=True, doc="own SVID private key (svid_key.pem)"))
+    trust_domains: tuple[TrustDomainConfig, ...] = field(
+        metadata=meta(nonempty=True, check=_unique_trust_domains, doc="accepted trust domains"))
+    watch_interval_s: float = field(default=2.0, metadata=meta(min=0.05, doc="file poll interval"))
+    max_staleness_s: float = field(default=3600.0, metadata=meta(min=0, doc="fail closed after refreshes fail this long (0 = never)"))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = field(metadata=meta(check=_upstream_url, doc="http://HOST:PORT or unix:///path.sock"))
+    connect_timeout_s: float = field(default=2.0, metadata=meta(min=0.01, doc="connect limit (502 after)"))
+    response_timeout_s: float = field(default=30.0, metadata=meta(min=0.01, doc="time to response head (504 after)"))
+    idle_timeout_s: float = field(default=30.0, metadata=meta(min=0.1, doc="pooled connection idle limit"))
+    max_idle_connections: int = field(default=128, metadata=meta(min=0, doc="pool size per worker"))
+
+
+@dataclass(frozen=True, slots=True)
+class HeadersConfig:
+    spiffe_id: str = field(default="x-portcullis-spiffe-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the caller's SPIFFE ID"))
+    decision_id: str = field(default="x-portcullis-decision-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the decision id"))
+    request_id: str = field(default="x-request-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="request id header (propagated or generated)"))
+    xfcc: bool = field(default=True, metadata=meta(doc="add X-Forwarded-Client-Cert (Envoy SANITIZE_SET)"))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    file: str = field(metadata=meta(nonempty=True, doc="policy YAML file"))
+    mode: Literal["enforce", "shadow"] = field(default="enforce", metadata=meta(doc="shadow: decide and record, let pass"))
+    watch_interval_s: float = field(default=2.0, metadata=meta(min=0.05, doc="file poll interval"))
+    max_staleness_s: float = field(default=0.0, metadata=meta(min=0, doc="fail closed after refreshes fail this long (0 = never)"))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    signing_key_file: str | None = field(default=None, metadata=meta(doc="Ed25519 private key (PKCS8 PEM) for checkpoints"))
+    checkpoint_every_records: int = field(default=1000, metadata=meta(min=1, doc="checkpoint every N records"))
+    checkpoint_every_s: float = field(default=60.0, metadata=meta(min=0.1, doc="checkpoint every T seconds"))
+    queue_max_records: int = field(default=10000, metadata=meta(min=16, doc="records buffered before the sink is full"))
+    on_full: Literal["backpressure", "fail_closed"] = field(default="backpressure", metadata=meta(doc="what a full sink does"))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool = field(default=True, metadata=meta(doc="serve /healthz /readyz /metrics"))
+    address: str = field(default="127.0.0.1", metadata=meta(nonempty=True, doc="admin listener address (plain HTTP)"))
+    port: int = field(default=9901, metadata=meta(check=_port, doc="admin listener port"))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    workers: int = field(default=1, metadata=meta(min=1, max=64, doc="worker processes (SO_REUSEPORT)"))
+    drain_delay_s: float = field(default=0.0, metadata=meta(min=0, doc="after SIGTERM, keep accepting this long while /readyz is red"))
+    drain_timeout_s: float = field(default=20.0, metadata=meta(min=0, doc="max wait for in-flight requests"))
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata=meta(doc="stderr log level"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    identity: IdentityConfig = field(metadata=meta(doc="own SVID and trust bundles"))
+    upstream: UpstreamConfig = field(metadata=meta(doc="the workload behind the sidecar"))
+    policy: PolicyConfig = field(metadata=meta(doc="authorization policy"))
+    listener: ListenerConfig = field(default_factory=ListenerConfig, metadata=meta(doc="data listener"))
+    headers: HeadersConfig = field(default_factory=HeadersConfig, metadata=meta(doc="identity headers"))
+    audit: AuditConfig = field(default_factory=AuditConfig, metadata=meta(doc="audit log"))
+    admin: AdminConfig = field(default_factory=AdminConfig, metadata=meta(doc="admin listener"))
+    server: ServerConfig = field(default_factory=ServerConfig, metadata=meta(doc="process model"))
+
+    @property
+    def trust_domain_names(self) -> frozenset[str]:
+        return frozenset(t.name for t in self.identity.trust_domains)
+
+
+def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[Problem]:
+    """Apply PORTCULLIS_<SECTION>__<KEY> overrides in place; return problems (bad YAML values)."""
+    problems: list[Problem] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        if any(not k for k in keys):
+            problems.append(Problem(f"env {name}", "empty key segment"))
+            continue
+        try:
+            value = yaml.safe_load(env[name]) if env[name] != "" else ""
+        except yaml.YAMLError as exc:
+            problems.append(Problem(f"env {name}", f"not a valid YAML value: {exc}"))
+            continue
+        node = data
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                problems.append(Problem(f"env {name}", f"{k} is not a section"))
+                break
+            node = child
+        else:
+            node[keys[-1]] = value
+    return problems
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    def r(p: str | None) -> str | None:
+        if p is None:
+            return None
+        path = Path(p)
+        return str(path if path.is_absolute() else (base / path))
+
+    ident = cfg.identity
+    tds = tuple(dataclasses.replace(t, bundle_file=r(t.bundle_file)) for t in ident.trust_domains)
+    ident = dataclasses.replace(ident, svid_file=r(ident.svid_file), svid_key_file=r(ident.svid_key_file),
+                                trust_domains=tds)
+    return dataclasses.replace(
+        cfg, identity=ident,
+        policy=dataclasses.replace(cfg.policy, file=r(cfg.policy.file)),
+        audit=dataclasses.replace(cfg.audit, signing_key_file=r(cfg.audit.signing_key_file)),
+    )
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Parse and validate config text; raise ConfigError with every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping", source=source)
+    problems = apply_env_overrides(data, os.environ if env is None else env)
+    try:
+        cfg = build(Config, data, source=source)
+    except ConfigError as exc:
+        raise ConfigError(problems + list(exc.problems), source=source) from None
+    if problems:
+        raise ConfigError(problems, source=source)
+    return _resolve(cfg, base_dir or Path("."))
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(p)) from None
+    return parse_config(text, source=str(p), base_dir=p.resolve().parent, env=env)

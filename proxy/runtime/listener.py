@@ -1,0 +1,788 @@
+"""The data plane: one uvloop `asyncio.Protocol` per mTLS client connection.
+
+Rules:
+- Bytes in, `RequestFacts` out, `core.pipeline.authorize` decides, the decision's canonical target
+  is what goes upstream. No policy logic here; errors are rendered only by `runtime.responses`.
+- HTTP/1.1 framing is parsed by httptools (llhttp, strict): conflicting Content-Length and
+  Transfer-Encoding, duplicate Content-Length, bare LF, obs-fold, invalid chunk sizes are 400s.
+  On top of it: Transfer-Encoding must be exactly `chunked` (HTTP/1.1 only, RFC 9112 6.1); an
+  HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); CONNECT is refused (405); `Upgrade` is
+  never honoured (it is hop-by-hop and stripped; the connection closes after that exchange).
+  Head size and header count are limited (431).
+- Pipelined requests are answered strictly in order: one exchange is active per connection, later
+  ones wait (their bodies buffered, bounded; reading pauses past the bound).
+- Exactly one audit record per exchange that got a request head, whatever happens (allow, deny,
+  error, client gone, upstream reset); `Exchange.finish` is the only writer and runs once.
+- A failure after the response head was sent aborts the client connection (RFC 9112 9.6 leaves
+  no other honest signal); before that, the error is rendered as a response.
+- Flow control both ways: a full upstream socket pauses client reading and vice versa.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from typing import TYPE_CHECKING, Callable
+
+import httptools
+
+from proxy.core.pipeline import RequestFacts, State, authorize, deny_error
+from proxy.core.spiffe import PeerCertificates
+from proxy.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+    ServiceUnavailable,
+)
+from proxy.runtime.responses import render_error
+from proxy.runtime.tls import peer_chain_der
+from proxy.runtime.upstream import (
+    INF,
+    Upstream,
+    UpstreamConnection,
+    connection_tokens,
+    request_head,
+    response_head,
+)
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.core.model import Decision
+    from proxy.runtime.audit_sink import AuditSink
+    from proxy.runtime.deadlines import Sweeper
+    from proxy.runtime.metrics import Metrics
+
+log = logging.getLogger("portcullis.listener")
+
+_REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,200}")
+_PENDING_BODY_LIMIT = 1 << 20  # bytes buffered for a request that waits its turn
+_LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final response
+_LINGER_S = 2.0
+
+
+class _Stop(Exception):
+    """Raised inside parser callbacks to stop parsing with a prepared ProxyError."""
+
+    def __init__(self, err: ProxyError) -> None:
+        self.err = err
+
+
+class _Wall:
+    """RFC 3339 UTC timestamps with milliseconds; the date part is formatted once per second."""
+
+    __slots__ = ("_sec", "_prefix")
+
+    def __init__(self) -> None:
+        self._sec = -1
+        self._prefix = ""
+
+    def format(self, t: float) -> str:
+        sec = int(t)
+        if sec != self._sec:
+            self._sec = sec
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._prefix}.{int((t - sec) * 1000):03d}Z"
+
+
+class DataPlane:
+    """Everything the connections of one worker share."""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, cfg: "Config", metrics: "Metrics",
+                 sink: "AuditSink", upstream: Upstream, sweeper: "Sweeper",
+                 get_state: Callable[[], State], worker: str) -> None:
+        self.loop, self.cfg, self.metrics, self.sink = loop, cfg, metrics, sink
+        self.upstream, self.sweeper, self.get_state, self.worker = upstream, sweeper, get_state, worker
+        self.conns: set[ClientConnection] = set()
+        self.draining = False
+        self.wall = _Wall()
+        self.request_id_header = cfg.headers.request_id.encode()
+        self.decision_id_header = cfg.headers.decision_id
+        self._waiting_for_sink: list[ClientConnection] = []
+
+    def factory(self) -> "ClientConnection":
+        return ClientConnection(self)
+
+    def in_flight(self) -> int:
+        return sum(1 for c in self.conns if c.active is not None or c.queue)
+
+    def drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their current response."""
+        self.draining = True
+        for c in list(self.conns):
+            c.drain()
+
+    def abort_all(self) -> None:
+        for c in list(self.conns):
+            c.abort("drain_timeout")
+
+    # -- audit backpressure ----------------------------------------------------------------------
+    def wait_for_sink(self, conn: "ClientConnection") -> None:
+        if not self._waiting_for_sink:
+            self.sink.add_drain_waiter(self._sink_drained)
+        self._waiting_for_sink.append(conn)
+
+    def _sink_drained(self) -> None:
+        waiting, self._waiting_for_sink = self._waiting_for_sink, []
+        for c in waiting:
+            c.resume_after_sink()
+
+
+class Exchange:
+    """One request and its response; reports to the audit log exactly once."""
+
+    __slots__ = (
+        "conn", "method", "url", "version", "headers", "head_bytes", "keep_alive", "body_mode",
+        "body", "body_len", "body_done", "upstream", "decision", "error", "status",
+        "upstream_status", "resp_mode", "chunk_out", "t0", "t_sent", "up_us", "request_id",
+        "decision_id", "discard", "finished", "started", "headers_done", "upgrade", "expect",
+        "conn_tokens", "outcome", "retried", "head_request",
+    )
+
+    def __init__(self, conn: "ClientConnection") -> None:
+        self.conn = conn
+        self.method = ""
+        self.url = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
+        self.keep_alive = True
+        self.body_mode = "none"
+        self.body: list[bytes] = []
+        self.body_len = 0
+        self.body_done = False
+        self.upstream: UpstreamConnection | None = None
+        self.decision: Decision | None = None
+        self.error: ProxyError | None = None
+        self.status = 0
+        self.upstream_status: int | None = None
+        self.resp_mode = "none"
+        self.chunk_out = False
+        self.t0 = time.perf_counter()
+        self.t_sent = 0.0
+        self.up_us: int | None = None
+        self.request_id = ""
+        self.decision_id = os.urandom(12).hex()
+        self.discard = False
+        self.finished = False
+        self.started = False
+        self.headers_done = False
+        self.upgrade = False
+        self.expect = False
+        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.outcome = "complete"
+        self.retried = False
+        self.head_request = False
+
+    # -- request body from the client ------------------------------------------------------------
+    def feed_body(self, data: bytes) -> None:
+        if self.discard:
+            self.body_len += len(data)
+            if self.body_len > _LINGER_BYTES:
+                self.conn.close()
+            return
+        up = self.upstream
+        if up is not None:
+            up.send(b"%x\r\n%b\r\n" % (len(data), data) if self.body_mode == "chunked" else data)
+        else:
+            self.body.append(data)
+            self.body_len += len(data)
+            if self.body_len > _PENDING_BODY_LIMIT:
+                self.conn.pause("pending_body")
+
+    def end_body(self) -> None:
+        self.body_done = True
+        up = self.upstream
+        if up is not None:
+            if self.body_mode == "chunked":
+                up.send(b"0\r\n\r\n")
+            up.request_sent()
+            self.t_sent = time.perf_counter()
+
+    # -- upstream events (proxy.runtime.upstream.Exchange) ---------------------------------------
+    def upstream_informational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.version == "1.1" and status == 100 and self.expect:
+            self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      body_mode: str) -> None:
+        conn = self.conn
+        if self.t_sent:
+            self.up_us = int((time.perf_counter() - self.t_sent) * 1e6)
+            conn.plane.metrics.upstream_duration.observe(self.up_us / 1e6)
+        self.status = self.upstream_status = status
+        close = conn.must_close(self)
+        if body_mode == "close" and self.version != "1.1":
+            close = True
+        if close:
+            conn.close_after = True
+        self.resp_mode = body_mode
+        self.chunk_out = body_mode in ("chunked", "close") and self.version == "1.1"
+        conn.write(response_head(status, reason, headers, body_mode=body_mode,
+                                 chunk_to_client=self.chunk_out, close=close))
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.chunk_out:
+            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def upstream_done(self) -> None:
+        up, self.upstream = self.upstream, None
+        if self.chunk_out:
+            self.conn.write(b"0\r\n\r\n")
+        if up is not None:
+            if self.body_done:
+                self.conn.plane.upstream.release(up)
+            else:
+                up.close()  # answered before the request body ended: the rest is discarded
+                self.discard = True
+                self.conn.close_after = True
+        self.finish()
+
+    def upstream_failed(self, err: ProxyError) -> None:
+        up, self.upstream = self.upstream, None
+        if up is not None:
+            up.abort()
+        if self.status:  # the response head is out: abort, never a half-written error page
+            self.error = err
+            self.outcome = "upstream_reset"
+            self.finish()
+            self.conn.abort("upstream_reset")
+            return
+        if (not self.retried and up is not None and up.used > 1 and up.bytes_received == 0
+                and self.body_mode == "none" and err.code in ("upstream_unavailable",)):
+            # a pooled keep-alive connection the upstream had already closed: retry once, fresh
+            self.retried = True
+            self.conn.connect_upstream(self)
+            return
+        self.conn.respond_error(self, err)
+
+    def upstream_pause(self) -> None:
+        self.conn.pause("upstream_full")
+
+    def upstream_resume(self) -> None:
+        self.conn.resume("upstream_full")
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Metrics and the audit record for this exchange; runs exactly once, never raises."""
+        if self.finished:
+            return
+        self.finished = True
+        conn = self.conn
+        plane = conn.plane
+        try:
+            rec = self._record(plane)
+        except Exception as exc:  # a bug here must not cost the audit record
+            log.exception("building the audit record failed")
+            rec = {"type": "decision", "time": plane.wall.format(time.time()),
+                   "decision_id": self.decision_id, "request_id": self.request_id,
+                   "method": self.method, "decision": "error", "code": "audit_record_error",
+                   "status": self.status, "detail": repr(exc)[:200]}
+        plane.sink.emit(rec)
+        conn.exchange_finished(self)
+
+    def _record(self, plane: DataPlane) -> dict:
+        d = self.decision
+        err = self.error
+        if err is not None:
+            decision, code, rule_id = err.decision, err.code, err.rule_id
+        elif d is not None:
+            decision, code, rule_id = d.effect, d.code, d.rule_id
+        else:
+            decision, code, rule_id = "error", "internal_error", None
+        duration = time.perf_counter() - self.t0
+        m = plane.metrics
+        m.requests.inc((decision, code))
+        m.request_duration.observe(duration, (decision,))
+        peer = d.peer if d is not None else self.conn.peer.identity
+        wb = d.would_be if d is not None else None
+        if wb is not None:
+            m.shadow.inc((wb.effect, wb.code))
+        target = d.target if d is not None else None
+        rec = {
+            "type": "decision",
+            "time": plane.wall.format(time.time()),
+            "decision_id": self.decision_id,
+            "request_id": self.request_id,
+            "client_addr": self.conn.client_addr,
+            "workload": None if peer is None else {"spiffe_id": peer.uri,
+                                                    "cert_sha256": peer.cert_sha256.hex()},
+            "method": self.method,
+            "path": target.path if target is not None else _raw_path(self.url),
+            "decision": decision,
+            "code": code,
+            "rule_id": rule_id,
+            "policy_revision": d.revision if d is not None else plane.get_state().policy.revision,
+            "mode": d.mode if d is not None else "enforce",
+            "would_be": None if wb is None else {"decision": wb.effect, "code": wb.code,
+                                                 "rule_id": wb.rule_id},
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "upstream_duration_us": self.up_us,
+            "duration_us": int(duration * 1e6),
+            "outcome": self.outcome,
+        }
+        if err is not None and err.detail:
+            rec["detail"] = err.detail
+        return rec
+
+
+def _raw_path(url: bytes) -> str:
+    """The path of a target that failed canonicalisation, for the audit record: never the query
+    (it may carry credentials), bounded, undecodable bytes escaped."""
+    path = url.split(b"?", 1)[0][:256]
+    return path.decode("ascii", "backslashreplace")
+
+
+class ClientConnection(asyncio.Protocol):
+    """One mTLS client connection: parse, decide, forward, answer in order."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = PeerCertificates(())
+        self.client_addr = ""
+        self.parsing: Exchange | None = None
+        self.active: Exchange | None = None
+        self.queue: list[Exchange] = []
+        self.close_after = False
+        self.closed = False
+        self.broken = False  # no more requests are parsed on this connection
+        self.deadline = INF
+        self.paused: set[str] = set()
+        self.write_paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        plane = self.plane
+        self.peer = PeerCertificates(peer_chain_der(transport))
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.client_addr = f"{peername[0]}:{peername[1]}"
+        plane.conns.add(self)
+        plane.sweeper.add(self)
+        plane.metrics.connections.inc()
+        plane.metrics.connections_active.inc(n=1)
+        if plane.draining or len(plane.conns) > plane.cfg.listener.max_connections:
+            self.close()
+            return
+        self.deadline = plane.loop.time() + plane.cfg.listener.idle_timeout_s
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        plane = self.plane
+        plane.conns.discard(self)
+        plane.sweeper.discard(self)
+        plane.metrics.connections_active.inc(n=-1)
+        for ex in ([self.active] if self.active else []) + self.queue:
+            if not ex.finished:
+                if ex.upstream is not None:
+                    ex.upstream.abort()
+                    ex.upstream = None
+                if ex.outcome == "complete":
+                    ex.outcome = "client_aborted"
+                if ex.decision is None and ex.error is None:
+                    ex.error = BadRequest("client_aborted", "client closed before the request was decided")
+                ex.finish()
+        self.active = None
+        self.queue = []
+        if self.parsing is not None and not self.parsing.finished and self.parsing.headers_done:
+            self.parsing.outcome = "client_aborted"
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        ex = self.active
+        if ex is not None and not ex.body_done:
+            # a request body is streaming: it must keep moving (slow-body limit)
+            self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+        try:
+            self.parser.feed_data(data)
+        except _Stop as stop:
+            self._parse_failed(stop.err)
+        except httptools.HttpParserCallbackError as exc:
+            ctx = exc.__context__
+            if isinstance(ctx, _Stop):
+                self._parse_failed(ctx.err)
+            else:
+                log.error("parser callback failed", exc_info=ctx or exc)
+                self._parse_failed(InternalError("internal_error", f"parser callback: {ctx!r}"))
+        except httptools.HttpParserUpgrade:
+            # an Upgrade or CONNECT request was parsed completely; nothing after it is HTTP/1.1
+            self.broken = True
+            self.close_after = True
+        except httptools.HttpParserError as exc:
+            self._parse_failed(BadRequest("malformed_request", f"HTTP/1.1 parse error: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        ex = self.active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        ex = Exchange(self)
+        self.parsing = ex
+        if self.active is None and not self.queue:
+            self.deadline = self.plane.loop.time() + self.plane.cfg.listener.header_timeout_s
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        ex.url = ex.url + url if ex.url else url
+        ex.head_bytes += len(url)
+        if ex.head_bytes > self.plane.cfg.listener.max_header_bytes:
+            raise _Stop(HeadersTooLarge("request_line_too_large", "request line exceeds max_header_bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        lim = self.plane.cfg.listener
+        ex.head_bytes += len(name) + len(value) + 4
+        if ex.head_bytes > lim.max_header_bytes:
+            raise _Stop(HeadersTooLarge("headers_too_large", "request head exceeds max_header_bytes"))
+        if ex.headers_done:
+            return  # chunked trailers: read and dropped (never forwarded)
+        if len(ex.headers) >= lim.max_headers:
+            raise _Stop(HeadersTooLarge("too_many_headers", "header count exceeds max_headers"))
+        ex.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        p = self.parser
+        ex.headers_done = True
+        ex.method = p.get_method().decode("ascii")
+        ex.version = p.get_http_version()
+        ex.keep_alive = p.should_keep_alive() and ex.version == "1.1"
+        ex.upgrade = p.should_upgrade()
+        ex.head_request = ex.method == "HEAD"
+        try:
+            self._read_framing(ex)
+        except ProxyError as err:
+            raise _Stop(err) from None
+        self.queue.append(ex)
+        if self.active is None:
+            self._start_next()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None and (ex.discard or not ex.finished):
+            ex.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            return
+        if ex.upgrade:
+            self.broken = True
+            self.close_after = True
+        if ex.finished:
+            ex.body_done = True
+            if self.close_after and self.active is None and not self.queue:
+                self.close()
+            return
+        ex.end_body()
+        if self.queue and self.queue[0] is not ex and ex.body_len:
+            self.resume("pending_body")
+
+    # -- framing ---------------------------------------------------------------------------------
+    def _read_framing(self, ex: Exchange) -> None:
+        hosts = 0
+        te: list[bytes] = []
+        conn_values: list[bytes] = []
+        has_cl = False
+        rid_header = self.plane.request_id_header
+        for name, value in ex.headers:
+            n = name.lower()
+            if n == b"host":
+                hosts += 1
+            elif n == b"transfer-encoding":
+                te.append(value)
+            elif n == b"content-length":
+                has_cl = True
+            elif n == b"connection":
+                conn_values.append(value)
+            elif n == b"expect":
+                ex.expect = value.strip().lower() == b"100-continue"
+            elif n == rid_header and not ex.request_id and _REQUEST_ID_RE.fullmatch(value):
+                ex.request_id = value.decode("ascii")
+        if not ex.request_id:
+            ex.request_id = ex.decision_id
+        ex.conn_tokens = connection_tokens(conn_values)
+        if ex.method == "CONNECT":
+            raise MethodNotAllowed("connect_not_supported", "CONNECT is not proxied")
+        if te:
+            if ex.version != "1.1":
+                raise BadRequest("invalid_transfer_encoding", "Transfer-Encoding in an HTTP/1.0 request")
+            if len(te) != 1 or te[0].strip().lower() != b"chunked":
+                raise BadRequest("invalid_transfer_encoding", "Transfer-Encoding must be exactly chunked")
+            ex.body_mode = "chunked"
+        elif has_cl:
+            ex.body_mode = "length"  # httptools validated the value and rejected duplicates
+        if ex.version == "1.1" and hosts != 1:
+            raise BadRequest("invalid_host", "HTTP/1.1 request needs exactly one Host header")
+        if hosts > 1:
+            raise BadRequest("invalid_host", "more than one Host header")
+
+    # -- exchanges ---------------------------------------------------------------------------------
+    def _start_next(self) -> None:
+        while self.active is None and self.queue and not self.closed:
+            ex = self.queue.pop(0)
+            self.active = ex
+            self.deadline = INF
+            self._start(ex)
+
+    def _start(self, ex: Exchange) -> None:
+        plane = self.plane
+        ex.started = True
+        if ex.error is not None:
+            self.respond_error(ex, ex.error)
+            return
+        sink = plane.sink
+        if not sink.healthy:
+            self.respond_error(ex, ServiceUnavailable("audit_unavailable", "audit sink failed"))
+            return
+        if sink.saturated:
+            if plane.cfg.audit.on_full == "fail_closed":
+                self.respond_error(ex, ServiceUnavailable("audit_backlog", "audit queue is full"))
+                return
+            # backpressure: wait (not reading) until the audit writer has caught up
+            self.active = None
+            self.queue.insert(0, ex)
+            self.pause("audit")
+            plane.wait_for_sink(self)
+            return
+        facts = RequestFacts(ex.method, ex.url.decode("latin-1"), self.peer)
+        t = time.perf_counter()
+        try:
+            decision = authorize(facts, plane.get_state(), time.time())
+        except ProxyError as err:
+            plane.metrics.decision_duration.observe(time.perf_counter() - t)
+            self.respond_error(ex, err)
+            return
+        except Exception as exc:  # a bug must fail closed, never let the request through
+            log.exception("authorize raised %r", exc)
+            self.respond_error(ex, InternalError("internal_error", f"authorize raised {exc!r}"))
+            return
+        plane.metrics.decision_duration.observe(time.perf_counter() - t)
+        ex.decision = decision
+        if not decision.allowed:
+            self.respond_error(ex, deny_error(decision))
+            return
+        up = plane.upstream.acquire()
+        if up is None:
+            self.connect_upstream(ex)
+        else:
+            self._forward(ex, up)
+
+    def resume_after_sink(self) -> None:
+        self.resume("audit")
+        if not self.closed:
+            self._start_next()
+
+    def connect_upstream(self, ex: Exchange) -> None:
+        task = self.plane.loop.create_task(self._connect(ex))
+        task.add_done_callback(_log_task_error)
+
+    async def _connect(self, ex: Exchange) -> None:
+        try:
+            up = await self.plane.upstream.connect()
+        except ProxyError as err:
+            if not ex.finished:
+                self.respond_error(ex, err)
+            return
+        if ex.finished or self.closed:
+            self.plane.upstream.release(up)
+            return
+        self._forward(ex, up)
+
+    def _forward(self, ex: Exchange, up: UpstreamConnection) -> None:
+        d = ex.decision
+        extra = d.obligations.headers + (
+            (self.plane.cfg.headers.request_id, ex.request_id),
+            (self.plane.decision_id_header, ex.decision_id),
+        )
+        if ex.body_mode == "chunked":
+            framing = b"transfer-encoding: chunked\r\n"
+        elif ex.body_mode == "length":
+            framing = b"content-length: %d\r\n" % self._content_length(ex)
+        else:
+            framing = b""
+        head = request_head(ex.method, d.target.request_target, ex.headers, ex.conn_tokens, extra,
+                            framing, self.plane.upstream.authority)
+        ex.upstream = up
+        up.begin(ex, head, head_request=ex.head_request)
+        if ex.body:
+            chunks, ex.body = ex.body, []
+            for c in chunks:
+                up.send(b"%x\r\n%b\r\n" % (len(c), c) if ex.body_mode == "chunked" else c)
+            self.resume("pending_body")
+        if ex.body_done:
+            if ex.body_mode == "chunked":
+                up.send(b"0\r\n\r\n")
+            up.request_sent()
+            ex.t_sent = time.perf_counter()
+
+    def _content_length(self, ex: Exchange) -> int:
+        for name, value in ex.headers:
+            if name.lower() == b"content-length":
+                return int(value)
+        return 0
+
+    def respond_error(self, ex: Exchange, err: ProxyError) -> None:
+        if ex.finished:
+            return
+        if ex.upstream is not None:
+            ex.upstream.abort()
+            ex.upstream = None
+        ex.error = err
+        if not ex.body_done:
+            # the rest of the request body is read and dropped (bounded), then the connection closes
+            ex.discard = True
+            self.close_after = True
+        close = self.must_close(ex)
+        if close:
+            self.close_after = True
+        ex.status = err.status
+        self.write(render_error(err, decision_id=ex.decision_id, close=close,
+                                head_only=ex.head_request))
+        ex.finish()
+
+    def must_close(self, ex: Exchange) -> bool:
+        return (self.close_after or self.plane.draining or not ex.keep_alive or ex.upgrade
+                or self.broken or bool(ex.conn_tokens and b"close" in ex.conn_tokens))
+
+    def exchange_finished(self, ex: Exchange) -> None:
+        if self.active is ex:
+            self.active = None
+        if self.closed:
+            return
+        if self.close_after:
+            if ex.discard and not ex.body_done:
+                # lingering close: keep reading (and dropping) the body a little while
+                self.deadline = self.plane.loop.time() + _LINGER_S
+                self.queue.clear()
+                return
+            self.close()
+            return
+        if self.queue:
+            self._start_next()
+        elif self.parsing is None:
+            self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+
+    def _parse_failed(self, err: ProxyError) -> None:
+        self.broken = True
+        self.close_after = True
+        ex = self.parsing
+        self.parsing = None
+        if ex is None:
+            ex = Exchange(self)
+        if ex.finished:
+            return
+        if ex is self.active:
+            # the body of the active exchange was malformed: the upstream never gets the rest
+            if ex.status:
+                ex.upstream_failed(err)
+            else:
+                self.respond_error(ex, err)
+            return
+        ex.error = err
+        ex.body_done = True
+        if ex not in self.queue:
+            self.queue.append(ex)
+        self.pause("broken")
+        if self.active is None:
+            self._start_next()
+
+    # -- transport helpers -----------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def pause(self, reason: str) -> None:
+        if not self.paused:
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.pause_reading()
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused:
+                t = self.transport
+                if t is not None and not t.is_closing():
+                    t.resume_reading()
+
+    def drain(self) -> None:
+        self.close_after = True
+        if self.active is None and not self.queue and self.parsing is None:
+            self.close()
+
+    def close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    def abort(self, why: str) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    def on_deadline(self) -> None:
+        self.deadline = INF
+        act = self.active
+        if act is not None:
+            if not act.body_done and not act.finished:
+                err = RequestTimeout("body_timeout", "request body stalled")
+                if act.status:
+                    act.error = err
+                    act.outcome = "client_timeout"
+                    act.finish()
+                    self.abort("body_timeout")
+                else:
+                    self.respond_error(act, err)
+            return
+        ex = self.parsing
+        if self.active is None and not self.queue and ex is not None and not ex.headers_done:
+            # slow request head: answer 408 and close
+            self.parsing = None
+            self.broken = True
+            self.close_after = True
+            err = RequestTimeout("request_timeout", "request head not received in time")
+            ex.error = err
+            ex.status = err.status
+            ex.body_done = True
+            ex.started = True
+            self.active = ex
+            self.write(render_error(err, decision_id=ex.decision_id, close=True))
+            ex.finish()
+            return
+        self.close()
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("upstream task failed", exc_info=task.exception())

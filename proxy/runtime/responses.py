@@ -1,0 +1,43 @@
+"""The single mapping from `ProxyError` to an HTTP/1.1 response (DESIGN rule 4, section 4).
+
+Rules:
+- Status, code and `WWW-Authenticate` challenge come from the error class/instance; nothing else
+  in the code base writes an error response.
+- The body is small JSON: `{"error": <stable code>, "decision_id": <id>}`. `detail` (internals,
+  reasons) never reaches the client; it goes to the audit record and stderr.
+- Responses are never cached (`cache-control: no-store`); `connection: close` when the connection
+  will be closed after this response.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+from proxy.errors import ProxyError
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+def render_error(err: ProxyError, *, decision_id: str, close: bool, head_only: bool = False) -> bytes:
+    body = orjson.dumps({"error": err.code, "decision_id": decision_id})
+    lines = [
+        f"HTTP/1.1 {err.status} {reason_phrase(err.status)}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "cache-control: no-store",
+    ]
+    challenge = err.challenge()
+    if challenge is not None:
+        lines.append(f"www-authenticate: {challenge}")
+    for name, value in err.extra_headers:
+        lines.append(f"{name}: {value}")
+    if close:
+        lines.append("connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body

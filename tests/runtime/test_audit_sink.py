@@ -1,0 +1,369 @@
+"""proxy.runtime.audit_sink: a non-blocking writer over real pipes, verified with verify_lines."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from proxy.core.audit import AuditChain, format_time, verify_lines
+from proxy.runtime.audit_sink import PIPE_BUF, AuditSink
+
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+PUB = KEY.public_key()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rec(i: int, pad: int = 0) -> dict:
+    return {"type": "decision", "time": "2026-11-28T14:00:00.123Z", "decision_id": f"d{i}",
+            "request_id": f"r{i}", "method": "GET", "path": "/x" + "y" * pad,
+            "decision": "allow", "code": "allowed", "duration_us": i}
+
+
+class Reader:
+    """Reads a pipe in a thread until EOF."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.chunks = fd, []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> "Reader":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while chunk := os.read(self.fd, 65536):
+            self.chunks.append(chunk)
+
+    def lines(self) -> list[bytes]:
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "reader did not see EOF"
+        return b"".join(self.chunks).splitlines(keepends=True)
+
+
+def fill_pipe(w: int) -> None:
+    """Fill the pipe so completely that even a 1-byte write blocks (blank lines: verify skips them)."""
+    flags = fcntl.fcntl(w, fcntl.F_GETFL)
+    fcntl.fcntl(w, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    for size in (65536, 4096, 1):
+        try:
+            while True:
+                os.write(w, b"\n" * size)
+        except BlockingIOError:
+            pass
+    fcntl.fcntl(w, fcntl.F_SETFL, flags)
+
+
+async def wait_until(cond, guard_s: float = 20.0) -> None:
+    """Poll `cond` (a deadlock guard, not a timing assertion)."""
+    deadline = time.monotonic() + guard_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.002)
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    fds = {"r": r, "w": w}
+    yield fds
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def close_w(fds) -> None:
+    os.close(fds.pop("w"))
+
+
+def kinds(lines):
+    return [orjson.loads(x)["type"] for x in lines if x.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+async def test_blocked_reader_saturates_the_queue_while_the_loop_keeps_running(pipe):
+    loop = asyncio.get_running_loop()
+    fill_pipe(pipe["w"])
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], max_queue_records=20)
+    sink.start(loop)
+    for i in range(19):
+        sink.emit(rec(i))
+    assert not sink.saturated and sink.saturated_events == 0
+    sink.emit(rec(19))
+    assert sink.saturated and sink.saturated_events == 1 and sink.queue_depth == 20
+
+    ran = []
+    loop.call_soon(ran.append, "loop alive")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    assert ran == ["loop alive"]
+    assert sink.records_written == 0 and sink._thread.is_alive()  # the writer is the one blocked
+
+    drained = loop.create_future()
+    sink.add_drain_waiter(lambda: drained.set_result(sink.queue_depth))
+    await asyncio.sleep(0)
+    assert not drained.done()
+
+    reader = Reader(pipe["r"]).start()
+    depth_at_drain = await asyncio.wait_for(drained, 30)
+    assert depth_at_drain < 20 and not sink.saturated
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    report = verify_lines(lines, PUB)
+    assert report.ok, report.problems
+    assert kinds(lines) == ["decision"] * 20 + ["checkpoint"]
+    assert (sink.records_emitted, sink.records_written, sink.checkpoints) == (20, 21, 1)
+    assert sink.dropped == 0 and sink.queue_depth == 0 and sink.healthy
+
+
+async def test_drain_waiter_runs_at_once_when_not_saturated(pipe):
+    loop = asyncio.get_running_loop()
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"])
+    sink.start(loop)
+    called = loop.create_future()
+    sink.add_drain_waiter(lambda: called.set_result(True))
+    assert await asyncio.wait_for(called, 10)
+    reader = Reader(pipe["r"]).start()
+    await sink.close()
+    close_w(pipe)
+    assert verify_lines(reader.lines(), None).ok
+
+
+@pytest.mark.parametrize("emits, dropped", [(10, 0), (13, 3)])
+async def test_past_the_hard_cap_records_are_counted_and_reported(pipe, capsys, emits, dropped):
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], max_queue_records=5)
+    for i in range(emits):  # not started: nothing leaves the queue, emit must still never raise
+        sink.emit(rec(i))
+    assert sink.dropped == dropped and sink.queue_depth == 10 and sink.saturated
+    err = capsys.readouterr().err.splitlines()
+    assert len([x for x in err if "DROPPED" in x]) == dropped
+    if dropped:
+        assert "decision_id=d10" in err[0] and "hard cap of 10" in err[0]
+
+    reader = Reader(pipe["r"]).start()
+    sink.start(asyncio.get_running_loop())
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    report = verify_lines(lines, PUB)
+    assert report.ok, report.problems  # the chain has no gap: dropped records were never sealed
+    notices = [orjson.loads(x) for x in lines if b'"audit_dropped"' in x]
+    assert [n["dropped"] for n in notices] == ([dropped] if dropped else [])
+
+
+async def test_emit_after_close_is_counted_and_reported(pipe, capsys):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    await sink.close()
+    sink.emit(rec(1))
+    assert sink.dropped == 1
+    assert "sink is closed" in capsys.readouterr().err
+    close_w(pipe)
+    assert verify_lines(reader.lines(), None).ok
+
+
+def _broken_pipe_fd(fds) -> int:
+    os.close(fds.pop("r"))
+    return fds["w"]
+
+
+def _read_only_fd(fds) -> int:
+    fds["ro"] = os.open(os.devnull, os.O_RDONLY)
+    return fds["ro"]
+
+
+def _full_disk_fd(fds) -> int:
+    fds["full"] = os.open("/dev/full", os.O_WRONLY)
+    return fds["full"]
+
+
+@pytest.mark.parametrize("make_fd", [_broken_pipe_fd, _read_only_fd, _full_disk_fd],
+                         ids=["EPIPE", "EBADF", "ENOSPC"])
+async def test_write_error_marks_unhealthy_logs_once_and_keeps_the_records(pipe, capsys, make_fd):
+    fd = make_fd(pipe)
+    sink = AuditSink(AuditChain("w1"), fd=fd, write_retry_s=0.001)
+    sink.start(asyncio.get_running_loop())
+    for i in range(3):
+        sink.emit(rec(i))
+    await wait_until(lambda: sink.write_errors >= 3)  # it keeps retrying
+    assert not sink.healthy
+    assert sink.records_written == 0 and sink.queue_depth == 3 and sink.dropped == 0
+    await sink.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len([x for x in err if "failed" in x]) == 1
+    assert sink.dropped == 4  # 3 records + the final checkpoint, given up only at close...
+    assert any("DROPPED 4 audit line(s) at close" in x for x in err)  # ...and never silently
+
+
+async def test_sink_recovers_when_the_fd_becomes_writable_again(pipe, capsys):
+    target = os.open("/dev/full", os.O_WRONLY)
+    pipe["target"] = target
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=target, write_retry_s=0.001)
+    sink.start(asyncio.get_running_loop())
+    sink.emit(rec(1))
+    await wait_until(lambda: not sink.healthy)
+    reader = Reader(pipe["r"]).start()
+    os.dup2(pipe["w"], target)  # the same fd number now points at a pipe that is read
+    sink.emit(rec(2))
+    await wait_until(lambda: sink.healthy and sink.records_written == 2)
+    await sink.close()
+    close_w(pipe)
+    os.close(pipe.pop("target"))
+    assert "recovered" in capsys.readouterr().err
+    lines = reader.lines()
+    assert verify_lines(lines, PUB).ok and kinds(lines) == ["decision", "decision", "checkpoint"]
+
+
+@pytest.mark.parametrize("emits, checkpoints", [(2, 1), (3, 2), (7, 3)])
+async def test_checkpoint_every_n_records(pipe, emits, checkpoints):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], checkpoint_every_records=3)
+    sink.start(asyncio.get_running_loop())
+    for i in range(emits):
+        sink.emit(rec(i))
+    await sink.close()
+    close_w(pipe)
+    report = verify_lines(reader.lines(), PUB)
+    assert report.ok and report.chains["w1"].checkpoints == checkpoints == sink.checkpoints
+
+
+def test_checkpoint_every_t_seconds_only_when_records_were_written(pipe):
+    now = [1000.0]
+    chain = AuditChain("w1")
+    sink = AuditSink(chain, fd=pipe["w"], checkpoint_every_s=60, clock=lambda: now[0])
+    sink.tick()
+    assert sink.checkpoints == 0  # nothing written yet
+    sink.emit(rec(1))
+    now[0] = 1059.9
+    sink.tick()
+    assert sink.checkpoints == 0  # not yet T seconds
+    now[0] = 1060.0
+    sink.tick()
+    assert sink.checkpoints == 1 and chain.since_checkpoint == 0
+    now[0] = 1200.0
+    sink.tick()
+    assert sink.checkpoints == 1  # nothing new since the last checkpoint
+    sink.emit(rec(2))
+    sink.tick()
+    assert sink.checkpoints == 2 and sink.queue_depth == 4  # never started: all still queued
+
+
+async def test_the_loop_timer_drives_time_checkpoints(pipe):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"], checkpoint_every_s=0.01)
+    sink.start(asyncio.get_running_loop())
+    sink.emit(rec(1))
+    await wait_until(lambda: sink.checkpoints >= 1)
+    await sink.close()
+    close_w(pipe)
+    assert verify_lines(reader.lines(), None).ok
+
+
+async def test_close_times_out_instead_of_hanging_on_a_reader_that_stopped(pipe, capsys):
+    fill_pipe(pipe["w"])
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    sink.emit(rec(1))
+    await sink.close(timeout_s=0.05)
+    assert "close timed out: 2 line(s) not yet written" in capsys.readouterr().err
+    reader = Reader(pipe["r"]).start()  # let the daemon thread finish, then check nothing was lost
+    sink._thread.join(30)
+    close_w(pipe)
+    assert verify_lines(reader.lines(), None).ok
+
+
+async def test_non_blocking_fd_is_waited_on_not_an_error(pipe):
+    os.set_blocking(pipe["w"], False)
+    fill_pipe(pipe["w"])
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    for i in range(50):
+        sink.emit(rec(i, pad=200))
+    reader = Reader(pipe["r"]).start()
+    await sink.close()
+    close_w(pipe)
+    assert verify_lines(reader.lines(), None).ok
+    assert sink.write_errors == 0 and sink.healthy and sink.records_written == 51
+
+
+async def test_a_line_longer_than_pipe_buf_is_written_whole(pipe):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    sink.emit(rec(1))
+    sink.emit(rec(2, pad=3 * PIPE_BUF))
+    sink.emit(rec(3))
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    assert verify_lines(lines, PUB).ok and len(lines[1]) > 3 * PIPE_BUF
+
+
+WORKER = textwrap.dedent("""
+    import asyncio, sys
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from proxy.core.audit import AuditChain
+    from proxy.runtime.audit_sink import AuditSink
+
+    async def main(fd, name):
+        key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+        sink = AuditSink(AuditChain(name, signer=key), fd=fd, checkpoint_every_records=50)
+        sink.start(asyncio.get_running_loop())
+        for i in range(400):
+            sink.emit({"type": "decision", "i": i, "pad": "x" * (i * 37 % 1500)})
+            if i % 25 == 0:
+                await asyncio.sleep(0)
+        await sink.close()
+
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+""")
+
+
+def test_worker_processes_sharing_one_pipe_never_interleave_inside_a_line(pipe):
+    reader = Reader(pipe["r"]).start()
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(pipe["w"]), f"w{n}"],
+                              pass_fds=(pipe["w"],), cwd=REPO) for n in range(4)]
+    assert [p.wait(120) for p in procs] == [0, 0, 0, 0]
+    close_w(pipe)
+    report = verify_lines(reader.lines(), PUB)
+    assert report.ok, report.problems[:5]
+    assert sorted(report.chains) == ["w0", "w1", "w2", "w3"]
+    assert all(c.records == 400 and c.final for c in report.chains.values())
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"max_queue_records": 0},
+    {"checkpoint_every_records": 0},
+    {"checkpoint_every_s": 0},
+    {"write_retry_s": -1},
+    {"on_full": "drop"},
+])
+def test_invalid_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        AuditSink(AuditChain("w1"), **kwargs)
+
+
+def test_checkpoint_time_comes_from_the_injected_clock(pipe):
+    sink = AuditSink(AuditChain("w1"), fd=pipe["w"], checkpoint_every_records=1,
+                     clock=lambda: 1764338400.5)
+    sink.emit(rec(1))
+    assert sink.checkpoints == 1
+    record, checkpoint = sink._q.get_nowait(), sink._q.get_nowait()  # never started: still queued
+    assert orjson.loads(checkpoint)["type"] == "checkpoint"
+    assert orjson.loads(checkpoint)["time"] == format_time(1764338400.5) == "2025-11-28T14:00:00.500Z"
