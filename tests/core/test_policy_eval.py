@@ -110,7 +110,7 @@ def policies(draw: Any, effects: tuple[str, ...] = ("allow", "deny")) -> dict:
 _SEGMENT_TEXT = st.text(max_size=12)
 _ANY_CONTEXT = st.builds(
     RequestContext,
-    workload=st.builds(SpiffeId,
+    workload=st.builds(SpiffeId,  # also malformed IDs: evaluate must not trust them
                        trust_domain=st.sampled_from(["example.org", "other.org", "", "x"]),
                        path=st.one_of(st.sampled_from(["", "/ns/a/sa/web", "/x"]), _SEGMENT_TEXT)),
     workload_uri=st.text(max_size=20),
@@ -157,3 +157,16 @@ def test_shadow_only_allow_rules_never_allow(doc: dict, c: RequestContext) -> No
         rule["shadow"] = True
     verdict = evaluate(compile_policy(doc), c)
     assert verdict.outcome == Outcome("deny", "no_matching_rule", None)
+
+
+def test_malformed_workload_path_matches_nothing() -> None:
+    """A SpiffeId built without the parser (path not starting with "/") never matches, not even
+    `spiffe://td/**` or the trust domain ID (found by the property test above)."""
+    policy = compile_policy({"version": 1, "revision": "r", "rules": [
+        {"id": "td", "effect": "allow",
+         "from": {"workloads": ["spiffe://example.org", "spiffe://example.org/**"]},
+         "to": [{"paths": ["/**"]}]},
+    ]})
+    bad = RequestContext(SpiffeId("example.org", "0"), "spiffe://example.org0", "GET", "/")
+    assert evaluate(policy, bad) == Verdict(Outcome("deny", "no_matching_rule", None))
+    assert evaluate_linear(policy, bad) == evaluate(policy, bad)

@@ -74,10 +74,13 @@ def evaluate(policy: CompiledPolicy, ctx: RequestContext) -> Verdict:
     if idx is None:
         return _DEFAULT_DENY
     wid = ctx.workload
+    wpath = wid.path
+    if wpath and wpath[0] != "/":
+        return _DEFAULT_DENY  # not a SPIFFE ID path: matches nothing
     w = idx.exact_workloads.get(wid, _EMPTY)
     trie = idx.workload_tries.get(wid.trust_domain)
     if trie is not None:
-        found = _walk(trie, wid.path.split("/"), 1)
+        found = _walk(trie, wpath.split("/"), 1)
         if found:
             w = w.union(*found)
     if not w:

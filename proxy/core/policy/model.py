@@ -65,7 +65,10 @@ class WorkloadPattern:
     def matches(self, spiffe_id: SpiffeId) -> bool:
         if spiffe_id.trust_domain != self.trust_domain:
             return False
-        return match_segments(self.segments, spiffe_id.path.split("/"), 1)
+        path = spiffe_id.path
+        if path and path[0] != "/":
+            return False
+        return match_segments(self.segments, path.split("/"), 1)
 
 
 @dataclass(frozen=True, slots=True)
