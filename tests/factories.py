@@ -74,8 +74,9 @@ class Pki:
 
     @property
     def bundle(self) -> str:
-        """What a client uses to verify the sidecar (curl --cacert)."""
-        return str(self.root / "bundles" / f"{TD}.pem")
+        """What a client uses to verify the sidecar (curl --cacert); a separate copy, so tests can
+        break the sidecar's own bundle files."""
+        return str(self.root / "client-ca.pem")
 
     def client(self, name: str) -> Client:
         return self.clients[name]
@@ -99,6 +100,7 @@ def make_pki(root: Path) -> Pki:
     (root / "bundles").mkdir(exist_ok=True)
     (root / "bundles" / f"{TD}.pem").write_bytes(ca.bundle_pem())
     (root / "bundles" / f"{PARTNER_TD}.pem").write_bytes(partner.bundle_pem())
+    (root / "client-ca.pem").write_bytes(ca.bundle_pem())
     ca.issue_svid(SIDECAR_ID).write(pki.sidecar_dir, bundle_pem=ca.bundle_pem())
     pki.issue("frontend", FRONTEND_ID)
     pki.issue("batch", BATCH_ID)
