@@ -11,13 +11,23 @@ sent, body bytes) and answers according to the path:
   /status/N         status N with a small body (none for 204/304)
   /big?n=N          N bytes of body with content-length
   /keepalive-close  answers with `connection: close` and closes
-  anything else     200 JSON echo of what was received
+  anything else     200 JSON echo of what was received (with the body's length and SHA-256)
 A request with `Expect: 100-continue` gets `100 Continue` first.
+
+Programmable from a test:
+  srv.raw[path] = bytes      write exactly these bytes as the answer (then keep the connection)
+  srv.raw_close[path] = bytes  the same, then close the connection
+  srv.close_reused = True    a request arriving on a connection that already answered one is
+                             dropped: the connection is closed without an answer (a keep-alive
+                             connection the upstream gave up on while the sidecar held it idle)
+Every request is recorded in `received` (with its connection's `conn_id`) when complete; requests
+that were dropped unanswered are counted in `dropped`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -45,6 +55,10 @@ class UpstreamServer:
     connections: int = 0
     server: asyncio.AbstractServer | None = None
     open_transports: set = field(default_factory=set)
+    raw: dict[str, bytes] = field(default_factory=dict)
+    raw_close: dict[str, bytes] = field(default_factory=dict)
+    close_reused: bool = False
+    dropped: int = 0
 
     async def start(self) -> "UpstreamServer":
         loop = asyncio.get_running_loop()
@@ -74,6 +88,7 @@ class _Conn(asyncio.Protocol):
         self.url = b""
         self.transport: asyncio.Transport | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.answered = 0
         self.task = asyncio.get_running_loop().create_task(self._respond_loop())
 
     def connection_made(self, transport):
@@ -112,6 +127,11 @@ class _Conn(asyncio.Protocol):
         self.cur.body += body
 
     def on_message_complete(self):
+        if self.srv.close_reused and self.answered:
+            self.srv.dropped += 1
+            self.transport.close()
+            return
+        self.answered += 1
         self.srv.received.append(self.cur)
         self.queue.put_nowait(self.cur)
 
@@ -126,6 +146,13 @@ class _Conn(asyncio.Protocol):
         q = parse_qs(u.query)
         path = u.path
         head_only = req.method == "HEAD"
+        if path in self.srv.raw:
+            t.write(self.srv.raw[path])
+            return
+        if path in self.srv.raw_close:
+            t.write(self.srv.raw_close[path])
+            t.close()
+            return
         if path == "/hang":
             await asyncio.sleep(3600)
         if path.startswith("/slow"):
@@ -173,7 +200,9 @@ class _Conn(asyncio.Protocol):
                     await asyncio.sleep(0)
             return
         body = json.dumps({"method": req.method, "target": req.target, "headers": req.headers,
-                           "body_len": len(req.body), "conn_id": req.conn_id}).encode()
+                           "body_len": len(req.body),
+                           "body_sha256": hashlib.sha256(req.body).hexdigest(),
+                           "conn_id": req.conn_id}).encode()
         extra = b""
         if path == "/keepalive-close":
             extra = b"connection: close\r\n"
