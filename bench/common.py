@@ -153,6 +153,8 @@ class Harness:
         self._old_handlers: dict[int, Any] = {}
 
     def __enter__(self) -> "Harness":
+        # a shell's background job inherits SIGINT ignored: make Ctrl-C / kill -INT work anyway
+        self._old_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         return self
@@ -661,3 +663,128 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
                            f"\n{out}\n{errf.read_text(errors='replace')[-2000:]}") from None
     r["client_cpu_s"] = cpu
     return r
+
+
+# ------------------------------------------------------------------------------------------------
+# target sets
+
+BASE_TARGETS = ("upstream", "nginx", "haproxy", "portcullis")
+TWO_CORE_TARGETS = ("nginx-w2", "haproxy-t2", "portcullis-w2")
+ALL_TARGETS = BASE_TARGETS + TWO_CORE_TARGETS
+
+
+def parse_targets(spec: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in ALL_TARGETS]
+    if bad:
+        raise SystemExit(f"bench: unknown target(s) {', '.join(bad)}; known: {', '.join(ALL_TARGETS)}")
+    if "upstream" not in names:
+        names.insert(0, "upstream")  # every proxy needs it, and it is the reference
+    return names
+
+
+def start_targets(h: Harness, pki: Pki, names: list[str], *, access_log: bool = True,
+                  pin: bool = True) -> tuple[dict[str, Target], dict[str, str | None]]:
+    """Start the upstream and the named proxies; returns (targets by name, cpu layout)."""
+    proxy_cpu, load_cpu, all_cpu = cpu_layout() if pin else (None, None, None)
+    layout = {"proxy": proxy_cpu, "load": load_cpu, "two_core": all_cpu}
+    targets: dict[str, Target] = {}
+    up = start_upstream(h, load_cpu)
+    targets["upstream"] = up
+    log(f"bench: upstream on 127.0.0.1:{up.port} (cpu {load_cpu})")
+    for n in names:
+        if n == "upstream":
+            continue
+        if n == "nginx":
+            t = start_nginx(h, pki, up.port, proxy_cpu, 1, access_log)
+        elif n == "nginx-w2":
+            t = start_nginx(h, pki, up.port, all_cpu, 2, access_log, name=n)
+        elif n == "haproxy":
+            t = start_haproxy(h, pki, up.port, proxy_cpu, 1, access_log)
+        elif n == "haproxy-t2":
+            t = start_haproxy(h, pki, up.port, all_cpu, 2, access_log, name=n)
+        elif n == "portcullis":
+            t = start_portcullis(h, pki, up.port, proxy_cpu, 1)
+        elif n == "portcullis-w2":
+            t = start_portcullis(h, pki, up.port, all_cpu, 2, name=n)
+        else:  # pragma: no cover - parse_targets checked
+            raise SystemExit(f"unknown target {n}")
+        if t is not None:
+            targets[n] = t
+            log(f"bench: {n} on 127.0.0.1:{t.port} (cpu {t.cpus}; {t.note})")
+    return targets, layout
+
+
+def pin_tree(pids: list[int], cpus: str | None) -> None:
+    """Set the CPU affinity of every thread of these processes (like `taskset -a -p`)."""
+    if cpus is None:
+        return
+    mask = {int(c) for c in cpus.split(",")}
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, mask)
+            except OSError:
+                pass
+
+
+def latency_layout(targets: dict[str, Target], layout: dict, mode: str) -> Callable[[], None]:
+    """Pin for the open-loop phase. `shared`: proxies move to the load-generator core (cross-core
+    wake-ups on a VM cost milliseconds at the tail, see bench/README.md); `split`: unchanged.
+    Returns a function that restores the closed-loop pinning."""
+    if mode == "split" or layout.get("load") is None:
+        return lambda: None
+    moved = [t for t in targets.values() if t.kind != "upstream"]
+    for t in moved:
+        pin_tree(t.pids(), layout["load"])
+
+    def restore() -> None:
+        for t in moved:
+            pin_tree(t.pids(), t.cpus)
+
+    return restore
+
+
+# ------------------------------------------------------------------------------------------------
+# whole-machine accounting: is someone else using the CPUs we measure on?
+
+
+def machine_cpu() -> dict[str, float]:
+    """Seconds of busy (user+nice+system+irq+softirq) and steal time, summed over all CPUs."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v[:8]
+    return {"busy": (user + nice + system + irq + softirq) / CLK_TCK, "steal": steal / CLK_TCK}
+
+
+def own_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def busiest_processes(interval_s: float = 1.0, top: int = 3) -> tuple[float, list[str]]:
+    """(CPUs busy over the interval, top processes by CPU) for a pre-flight idleness check."""
+    def snap() -> dict[int, float]:
+        return {int(p): cpu_seconds(int(p)) for p in os.listdir("/proc") if p.isdigit()}
+
+    m0, s0 = machine_cpu(), snap()
+    time.sleep(interval_s)
+    m1, s1 = machine_cpu(), snap()
+    busy = (m1["busy"] - m0["busy"]) / interval_s
+    deltas = sorted(((s1[p] - s0.get(p, 0.0), p) for p in s1), reverse=True)[:top]
+    out = []
+    for d, p in deltas:
+        if d / interval_s < 0.05:
+            continue
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ").decode()[:100]
+        except OSError:
+            cmd = "?"
+        out.append(f"pid {p} {d / interval_s * 100:.0f}% {cmd}")
+    return busy, out

@@ -85,12 +85,14 @@ async def sidecar_factory(pki: Pki, upstream: UpstreamServer):
     running: list[RunningSidecar] = []
 
     async def start(*, policy: dict | None = None, extra: dict | None = None,
-                    upstream_url: str | None = None, name: str = "sidecar.yaml") -> RunningSidecar:
+                    upstream_url: str | None = None, name: str = "sidecar.yaml",
+                    audit_fd: int | None = None) -> RunningSidecar:
         cfg_path = write_config(pki, upstream_url=upstream_url or upstream.url, policy=policy,
                                 extra=extra, name=name)
         cfg = load_config(cfg_path, env={})
         audit_path = pki.root / f"audit-{len(running)}.jsonl"
-        fd = os.open(audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = audit_fd if audit_fd is not None else os.open(
+            audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         worker = Worker(cfg, audit_fd=fd)
         worker.load()
         task = asyncio.get_running_loop().create_task(worker.run(install_signals=False))

@@ -7,6 +7,7 @@ sent, body bytes) and answers according to the path:
   /slow?ms=N        waits N ms, then the default answer
   /hang             never answers
   /reset-mid        sends the head and half a body, then resets the connection
+  /close-reset      a close-delimited body cut by a TCP RST (SO_LINGER 0) instead of a FIN
   /garbage          answers bytes that are not HTTP
   /status/N         status N with a small body (none for 204/304)
   /big?n=N          N bytes of body with content-length
@@ -29,6 +30,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import struct
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -164,6 +167,13 @@ class _Conn(asyncio.Protocol):
         if path == "/reset-mid":
             t.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 40)
             await asyncio.sleep(0.05)
+            t.abort()
+            return
+        if path == "/close-reset":
+            t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nthe first half")
+            await asyncio.sleep(0.05)
+            sock = t.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             t.abort()
             return
         if path == "/chunked":

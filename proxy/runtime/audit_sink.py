@@ -10,7 +10,8 @@ Rules (DESIGN.md section 6; chain format in `proxy.core.audit`):
   completed; a non-blocking fd is waited on with poll().
 - Bounded by policy, not by loss: `saturated` is True while `queue_depth >= max_queue_records`; the
   listener then applies the configured `on_full` ("backpressure": stop admitting; "fail_closed":
-  answer 503). `emit()` still accepts records of requests already in flight up to a hard cap of
+  answer 503 while `can_record_refusal`, i.e. while the refusal itself can still be recorded, and
+  stop admitting past that). `emit()` still accepts records of requests already in flight up to a hard cap of
   twice that. Past the cap a record is NOT sealed (the chain stays verifiable), is counted in
   `dropped`, and is named on stderr; when the queue is back under the cap a `type: "audit_dropped"`
   record is sealed into the chain with the count, so the log itself shows the loss.
@@ -121,6 +122,13 @@ class AuditSink:
     @property
     def saturated(self) -> bool:
         return self.queue_depth >= self.max_queue_records
+
+    @property
+    def can_record_refusal(self) -> bool:
+        """Room to record a fail-closed refusal: up to halfway between the soft limit and the
+        hard cap. Past it the listener holds new requests back even in fail_closed mode, so the
+        other half of the margin stays free for exchanges already in flight."""
+        return self.queue_depth < self.max_queue_records + (self.hard_cap - self.max_queue_records) // 2
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -5,16 +5,25 @@ Rules:
   is what goes upstream. No policy logic here; errors are rendered only by `runtime.responses`.
 - HTTP/1.1 framing is parsed by httptools (llhttp, strict): conflicting Content-Length and
   Transfer-Encoding, duplicate Content-Length, bare LF, obs-fold, invalid chunk sizes are 400s.
-  On top of it: Transfer-Encoding must be exactly `chunked` (HTTP/1.1 only, RFC 9112 6.1); an
-  HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); CONNECT is refused (405); `Upgrade` is
-  never honoured (it is hop-by-hop and stripped; the connection closes after that exchange).
-  Head size and header count are limited (431).
+  On top of it: only HTTP/1.0 and HTTP/1.1; Transfer-Encoding must be exactly `chunked` (HTTP/1.1
+  only, RFC 9112 6.1); an HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); CONNECT is
+  refused (405); `Upgrade` is never honoured (it is hop-by-hop and stripped; the connection closes
+  after that exchange). Head size and header count are limited (431).
+- Nothing is parsed after a request that ends the connection (HTTP/1.0, `Connection: close`,
+  Upgrade, a malformed request) or once the connection is marked to close: a smuggled or
+  pipelined request after it is never forwarded and gets no audit record.
 - Pipelined requests are answered strictly in order: one exchange is active per connection, later
-  ones wait (their bodies buffered, bounded; reading pauses past the bound).
+  ones wait (their bodies buffered, bounded; reading pauses past the bound or past
+  `_MAX_QUEUED` waiting requests).
 - Exactly one audit record per exchange that got a request head, whatever happens (allow, deny,
   error, client gone, upstream reset); `Exchange.finish` is the only writer and runs once.
 - A failure after the response head was sent aborts the client connection (RFC 9112 9.6 leaves
-  no other honest signal); before that, the error is rendered as a response.
+  no other honest signal; a clean TLS close would make a close-delimited body look complete);
+  before that, the error is rendered as a response.
+- A pooled upstream connection that fails before any response byte is retried once on a fresh
+  connection, only for a bodyless request with an idempotent method (RFC 9110 9.2.2).
+- Timeouts (one sweeper, no per-request timers): `header_timeout_s` for a request head (408),
+  `idle_timeout_s` between requests and between body bytes of a streaming request (408).
 - Flow control both ways: a full upstream socket pauses client reading and vice versa.
 """
 
@@ -64,12 +73,15 @@ _REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,200}")
 _PENDING_BODY_LIMIT = 1 << 20  # bytes buffered for a request that waits its turn
 _LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final response
 _LINGER_S = 2.0
+_MAX_QUEUED = 32  # pipelined requests waiting their turn before reading pauses
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class _Stop(Exception):
-    """Raised inside parser callbacks to stop parsing with a prepared ProxyError."""
+    """Raised inside parser callbacks to stop parsing with a prepared ProxyError (None: stop
+    silently, the connection is closing)."""
 
-    def __init__(self, err: ProxyError) -> None:
+    def __init__(self, err: ProxyError | None) -> None:
         self.err = err
 
 
@@ -196,6 +208,8 @@ class Exchange:
                 self.conn.pause("pending_body")
 
     def end_body(self) -> None:
+        if self.body_done:
+            return  # bodyless: done since the head
         self.body_done = True
         up = self.upstream
         if up is not None:
@@ -236,6 +250,7 @@ class Exchange:
         up, self.upstream = self.upstream, None
         if self.chunk_out:
             self.conn.write(b"0\r\n\r\n")
+        self.conn.resume("upstream_full")
         if up is not None:
             if self.body_done:
                 self.conn.plane.upstream.release(up)
@@ -249,14 +264,16 @@ class Exchange:
         up, self.upstream = self.upstream, None
         if up is not None:
             up.abort()
+        self.conn.resume("upstream_full")
         if self.status:  # the response head is out: abort, never a half-written error page
             self.error = err
-            self.outcome = "upstream_reset"
+            self.outcome = err.code  # upstream_reset / upstream_timeout / upstream_bad_response
+            self.conn.abort(err.code)
             self.finish()
-            self.conn.abort("upstream_reset")
             return
         if (not self.retried and up is not None and up.used > 1 and up.bytes_received == 0
-                and self.body_mode == "none" and err.code in ("upstream_unavailable",)):
+                and self.body_mode == "none" and err.code == "upstream_unavailable"
+                and self.method in _IDEMPOTENT):
             # a pooled keep-alive connection the upstream had already closed: retry once, fresh
             self.retried = True
             self.conn.connect_upstream(self)
@@ -346,8 +363,11 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.handshake_done = False
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        # created once the TLS handshake is done: until then nothing refers back to this
+        # protocol, so a failed handshake frees it at once (and __del__ counts the failure)
+        self.parser: httptools.HttpRequestParser | None = None
         self.peer = PeerCertificates(())
         self.client_addr = ""
         self.parsing: Exchange | None = None
@@ -361,8 +381,17 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
+    def __del__(self) -> None:
+        # uvloop creates the protocol at accept time and calls connection_made only after the TLS
+        # handshake succeeded; a protocol that never got it saw a failed handshake (no or an
+        # untrusted client certificate, wrong version, timeout). Counted here, once.
+        if not self.handshake_done:
+            self.plane.metrics.tls_failures.inc()
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handshake_done = True
         self.transport = transport  # type: ignore[assignment]
+        self.parser = httptools.HttpRequestParser(self)
         plane = self.plane
         self.peer = PeerCertificates(peer_chain_der(transport))
         peername = transport.get_extra_info("peername")
@@ -380,6 +409,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.closed and self.transport is None:
             return
+        ours = self.closed or self.close_after  # the sidecar ended the connection (close/abort)
         self.closed = True
         plane = self.plane
         plane.conns.discard(self)
@@ -390,7 +420,11 @@ class ClientConnection(asyncio.Protocol):
                 if ex.upstream is not None:
                     ex.upstream.abort()
                     ex.upstream = None
-                if ex.outcome == "complete":
+                if not ex.started and ours:
+                    # pipelined behind an exchange after which the sidecar closed the connection
+                    ex.outcome = "not_served"
+                    ex.error = BadRequest("not_served", "the connection closed before its turn")
+                elif ex.outcome == "complete":
                     ex.outcome = "client_aborted"
                 if ex.decision is None and ex.error is None:
                     ex.error = BadRequest("client_aborted", "client closed before the request was decided")
@@ -410,19 +444,17 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
         try:
             self.parser.feed_data(data)
-        except _Stop as stop:
-            self._parse_failed(stop.err)
         except httptools.HttpParserCallbackError as exc:
             ctx = exc.__context__
             if isinstance(ctx, _Stop):
-                self._parse_failed(ctx.err)
+                if ctx.err is not None:
+                    self._parse_failed(ctx.err)
             else:
                 log.error("parser callback failed", exc_info=ctx or exc)
                 self._parse_failed(InternalError("internal_error", f"parser callback: {ctx!r}"))
         except httptools.HttpParserUpgrade:
-            # an Upgrade or CONNECT request was parsed completely; nothing after it is HTTP/1.1
+            # an Upgrade request was parsed completely (on_message_complete ended reading)
             self.broken = True
-            self.close_after = True
         except httptools.HttpParserError as exc:
             self._parse_failed(BadRequest("malformed_request", f"HTTP/1.1 parse error: {exc}"))
 
@@ -443,6 +475,10 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.close_after:
+            # the connection closes after the current exchange: nothing more is read
+            self.broken = True
+            raise _Stop(None)
         ex = Exchange(self)
         self.parsing = ex
         if self.active is None and not self.queue:
@@ -472,17 +508,25 @@ class ClientConnection(asyncio.Protocol):
         p = self.parser
         ex.headers_done = True
         ex.method = p.get_method().decode("ascii")
-        ex.version = p.get_http_version()
-        ex.keep_alive = p.should_keep_alive() and ex.version == "1.1"
+        ex.version = v = p.get_http_version()
         ex.upgrade = p.should_upgrade()
+        ex.keep_alive = v == "1.1" and p.should_keep_alive() and not ex.upgrade
         ex.head_request = ex.method == "HEAD"
         try:
+            if v != "1.1" and v != "1.0":
+                raise BadRequest("unsupported_http_version", f"HTTP/{v} is not HTTP/1.x")
             self._read_framing(ex)
         except ProxyError as err:
+            ex.keep_alive = False
             raise _Stop(err) from None
-        self.queue.append(ex)
+        if ex.body_mode == "none":
+            ex.body_done = True
+        queue = self.queue
+        queue.append(ex)
         if self.active is None:
             self._start_next()
+        elif len(queue) > _MAX_QUEUED:
+            self.pause("pipeline")
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -494,17 +538,15 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         if ex is None:
             return
-        if ex.upgrade:
+        if not ex.keep_alive:
+            # HTTP/1.0, Connection: close, Upgrade: the last request on this connection
             self.broken = True
-            self.close_after = True
         if ex.finished:
             ex.body_done = True
             if self.close_after and self.active is None and not self.queue:
                 self.close()
             return
         ex.end_body()
-        if self.queue and self.queue[0] is not ex and ex.body_len:
-            self.resume("pending_body")
 
     # -- framing ---------------------------------------------------------------------------------
     def _read_framing(self, ex: Exchange) -> None:
@@ -547,10 +589,18 @@ class ClientConnection(asyncio.Protocol):
 
     # -- exchanges ---------------------------------------------------------------------------------
     def _start_next(self) -> None:
-        while self.active is None and self.queue and not self.closed:
-            ex = self.queue.pop(0)
+        queue = self.queue
+        # an exchange held back by audit backpressure waits for resume_after_sink()
+        while self.active is None and queue and not self.closed and "audit" not in self.paused:
+            ex = queue.pop(0)
             self.active = ex
-            self.deadline = INF
+            # a streaming request body must keep moving; otherwise the upstream timer rules
+            if ex.body_done:
+                self.deadline = INF
+            else:
+                self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+            if len(queue) <= _MAX_QUEUED:
+                self.resume("pipeline")
             self._start(ex)
 
     def _start(self, ex: Exchange) -> None:
@@ -564,10 +614,11 @@ class ClientConnection(asyncio.Protocol):
             self.respond_error(ex, ServiceUnavailable("audit_unavailable", "audit sink failed"))
             return
         if sink.saturated:
-            if plane.cfg.audit.on_full == "fail_closed":
+            if plane.cfg.audit.on_full == "fail_closed" and sink.can_record_refusal:
                 self.respond_error(ex, ServiceUnavailable("audit_backlog", "audit queue is full"))
                 return
-            # backpressure: wait (not reading) until the audit writer has caught up
+            # backpressure (or a refusal that could not even be recorded): wait, not reading,
+            # until the audit writer has caught up
             self.active = None
             self.queue.insert(0, ex)
             self.pause("audit")
@@ -633,6 +684,8 @@ class ClientConnection(asyncio.Protocol):
                             framing, self.plane.upstream.authority)
         ex.upstream = up
         up.begin(ex, head, head_request=ex.head_request)
+        if self.write_paused:
+            up.pause_reading()  # the client is not reading: do not read its response either
         if ex.body:
             chunks, ex.body = ex.body, []
             for c in chunks:
@@ -661,6 +714,7 @@ class ClientConnection(asyncio.Protocol):
             # the rest of the request body is read and dropped (bounded), then the connection closes
             ex.discard = True
             self.close_after = True
+            self.resume("pending_body")
         close = self.must_close(ex)
         if close:
             self.close_after = True
@@ -670,8 +724,8 @@ class ClientConnection(asyncio.Protocol):
         ex.finish()
 
     def must_close(self, ex: Exchange) -> bool:
-        return (self.close_after or self.plane.draining or not ex.keep_alive or ex.upgrade
-                or self.broken or bool(ex.conn_tokens and b"close" in ex.conn_tokens))
+        # ex.keep_alive is False for HTTP/1.0, `Connection: close`, Upgrade and malformed requests
+        return self.close_after or not ex.keep_alive or self.plane.draining
 
     def exchange_finished(self, ex: Exchange) -> None:
         if self.active is ex:
@@ -679,8 +733,9 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if self.close_after:
-            if ex.discard and not ex.body_done:
-                # lingering close: keep reading (and dropping) the body a little while
+            if ex.discard and not ex.body_done and not self.broken:
+                # lingering close: keep reading (and dropping) the body a little while (when the
+                # parser no longer runs, the TLS shutdown drops what still arrives)
                 self.deadline = self.plane.loop.time() + _LINGER_S
                 self.queue.clear()
                 return
@@ -690,20 +745,32 @@ class ClientConnection(asyncio.Protocol):
             self._start_next()
         elif self.parsing is None:
             self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+        else:  # the next request head is partly here: it has header_timeout_s from now
+            self.deadline = self.plane.loop.time() + self.plane.cfg.listener.header_timeout_s
 
     def _parse_failed(self, err: ProxyError) -> None:
-        self.broken = True
-        self.close_after = True
+        """Malformed input: answered in its turn (earlier pipelined requests first), then close."""
+        if self.broken:
+            return  # bytes after the last request (llhttp refuses them): never a request
+        self.broken = True  # from here on, data_received reads and drops (lingering close)
         ex = self.parsing
         self.parsing = None
         if ex is None:
             ex = Exchange(self)
+        ex.keep_alive = False
         if ex.finished:
+            # the body of a request answered early turned out malformed: stop lingering
+            self.close_after = True
+            if self.active is None:
+                self.close()
             return
         if ex is self.active:
             # the body of the active exchange was malformed: the upstream never gets the rest
             if ex.status:
-                ex.upstream_failed(err)
+                ex.error = err
+                ex.outcome = "client_malformed"
+                self.abort("client_malformed")
+                ex.finish()
             else:
                 self.respond_error(ex, err)
             return
@@ -711,9 +778,10 @@ class ClientConnection(asyncio.Protocol):
         ex.body_done = True
         if ex not in self.queue:
             self.queue.append(ex)
-        self.pause("broken")
         if self.active is None:
             self._start_next()
+        else:
+            self.pause("broken")  # answered in its turn; until then, stop reading
 
     # -- transport helpers -----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -747,6 +815,8 @@ class ClientConnection(asyncio.Protocol):
             t.close()
 
     def abort(self, why: str) -> None:
+        """Reset the connection (no TLS close_notify); nothing more is started on it."""
+        self.closed = True
         t = self.transport
         if t is not None:
             t.abort()
@@ -760,9 +830,10 @@ class ClientConnection(asyncio.Protocol):
                 if act.status:
                     act.error = err
                     act.outcome = "client_timeout"
-                    act.finish()
                     self.abort("body_timeout")
+                    act.finish()
                 else:
+                    self.broken = True  # the client stalled: no lingering for the rest
                     self.respond_error(act, err)
             return
         ex = self.parsing

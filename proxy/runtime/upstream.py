@@ -5,13 +5,19 @@ Rules (RFC 9110 section 7.6.1, RFC 9112 sections 6-7, 9.6):
   Trailer, Transfer-Encoding, Upgrade, Proxy-Authenticate, Proxy-Authorization, and every header
   named in a Connection header.
 - Requests: client-supplied identity headers (X-Forwarded-Client-Cert and every X-Portcullis-*) and
-  the configured request-id header are removed; the sidecar then adds its own (the decision's
-  obligations) and the request id. Framing is re-derived from what the parser saw (never copied):
-  `content-length` for a sized body, `transfer-encoding: chunked` (re-chunked) otherwise.
-- Responses: framing is re-derived too. A sized body keeps its `content-length`; a chunked or
-  close-delimited body goes to an HTTP/1.1 client re-chunked; HEAD, 1xx, 204 and 304 have no body.
+  the headers the sidecar sets (request id, decision id, obligations) are removed, in any case and
+  with `_` read as `-` (frameworks that map both to the same variable, as CGI/WSGI do, must not
+  see a forged copy); the sidecar then adds its own. A Connection header can name these, but
+  cannot remove what the sidecar adds. Framing is re-derived from what the parser saw (never
+  copied): `content-length` for a sized body, `transfer-encoding: chunked` (re-chunked) otherwise.
+- Responses: framing is re-derived too. A sized body keeps its `content-length` (whatever the
+  upstream's Connection header names); a chunked or close-delimited body goes to an HTTP/1.1
+  client re-chunked; HEAD, 1xx, 204 and 304 have no body. A transfer coding other than exactly
+  `chunked`, or a 101, is a bad response (502): the sidecar never relays a coding it strips.
 - One request at a time per upstream connection (no upstream pipelining). A connection goes back to
-  the pool only after a complete response to a completely sent request with keep-alive.
+  the pool only after a complete response to a completely sent request with keep-alive, and
+  reading (it may have been paused for a slow client); one the upstream closes while idle leaves
+  the pool at once.
 - Connect failure -> `UpstreamError` (502); no response head within `response_timeout_s` after the
   request was sent -> `UpstreamTimeout` (504); a failure after the response head reached the client
   aborts the client connection (the caller's job) instead of writing a half error page.
@@ -65,6 +71,10 @@ def request_head(method: str, target: str, headers: list[tuple[bytes, bytes]],
     drop_extra = {n.encode("latin-1") for n, _ in extra}
     for name, value in headers:
         lname = name.lower()
+        if b"_" in lname:
+            if lname in conn_tokens:
+                continue
+            lname = lname.replace(b"_", b"-")
         if (lname in HOP_BY_HOP or lname in _FRAMING or lname in conn_tokens
                 or lname in IDENTITY_EXACT or lname.startswith(IDENTITY_PREFIX) or lname in drop_extra):
             continue
@@ -92,9 +102,12 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     parts = [b"HTTP/1.1 %d " % status + reason + b"\r\n"]
     for name, value in headers:
         lname = name.lower()
-        if lname in HOP_BY_HOP or lname in conn_tokens:
+        if lname == b"content-length":
+            # framing is ours: never removed because Connection named it, never kept when re-framed
+            if body_mode == "length" or (body_mode == "none" and status != 204):
+                parts.append(name + b": " + value + b"\r\n")
             continue
-        if lname == b"content-length" and (body_mode in ("chunked", "close") or status == 204):
+        if lname in HOP_BY_HOP or lname in conn_tokens:
             continue
         parts.append(name + b": " + value + b"\r\n")
     if body_mode in ("chunked", "close") and chunk_to_client:
@@ -165,6 +178,8 @@ class Upstream:
         if (self.closed or not conn.reusable() or len(self.idle) >= self.cfg.max_idle_connections):
             conn.close()
             return
+        if conn.reading_paused:
+            conn.resume_reading()  # paused for a slow client: an idle connection must see EOF
         conn.deadline = self.loop.time() + self.cfg.idle_timeout_s
         self.idle.append(conn)
 
@@ -194,6 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False
         self.bytes_received = 0
         self.used = 0
+        self.reading_paused = False
         self._status = 0
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -215,6 +231,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream.sweeper.discard(self)
         ex = self.exchange
         if ex is None:
+            if self in self.upstream.idle:
+                self.upstream.idle.remove(self)  # closed by the upstream while pooled
             return
         if (exc is None and self.response_started and self._body_mode == "close"
                 and not self.response_complete):
@@ -281,11 +299,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.deadline = self.upstream.loop.time() + self.upstream.cfg.response_timeout_s
 
     def pause_reading(self) -> None:
-        if not self.lost:
+        if not self.lost and not self.reading_paused:
+            self.reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_reading(self) -> None:
-        if not self.lost:
+        if not self.lost and self.reading_paused:
+            self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
 
     def close(self) -> None:
@@ -347,6 +367,10 @@ class UpstreamConnection(asyncio.Protocol):
         for name, value in self._headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
+                if te or value.strip().lower() != b"chunked":
+                    # llhttp would read such a body to EOF; its coding would reach the client unsaid
+                    self._fail(UpstreamError("upstream_bad_response", "transfer coding other than chunked"))
+                    return
                 te = True
             elif lname == b"content-length":
                 cl = True

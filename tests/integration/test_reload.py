@@ -198,7 +198,12 @@ async def test_policy_reload_applies_new_revision_and_bad_policy_keeps_old(sidec
     async def allowed():
         return (await curl(sidecar.url("/api/x"), pki.client("batch"), cacert=pki.bundle)).status == 200
     assert await wait_for(allowed)
-    n = len(await sidecar.wait_records(2))
+
+    async def last_is_allow():
+        recs = sidecar.records()
+        return bool(recs) and recs[-1]["decision"] == "allow"
+    assert await wait_for(last_is_allow)
+    n = len(sidecar.records())
     assert sidecar.records()[-1]["policy_revision"] == "r2" != rev1
     (pki.root / "policy.yaml").write_text("version: 1\nrules: []\n")  # invalid: empty rules
     await asyncio.sleep(0.4)
