@@ -146,6 +146,90 @@ class PeerIdentityError(ProxyError):
     decision = "deny"
 
 
+class TokenError(ProxyError):
+    """A missing or invalid access token (RFC 6750 section 3.1): 401 with a Bearer challenge.
+
+    `code` is our stable reason (`token_expired`, `token_bad_signature`...); the challenge carries the
+    RFC error (`invalid_token`, or `invalid_request` for a malformed request) — never the token.
+    The pipeline sets `challenge_scheme` to "DPoP" on routes that require DPoP-bound tokens.
+    """
+
+    status = 401
+    default_code = "token_invalid"
+    decision = "deny"
+    challenge_scheme = "Bearer"
+
+    def __init__(self, code: str | None = None, detail: str = "", *, rfc_error: str = "invalid_token",
+                 scheme: str | None = None, algs: str | None = None, **kw) -> None:
+        params = list(kw.pop("challenge_params", ()))
+        if not params:
+            if rfc_error:
+                params.append(("error", rfc_error))
+            if algs:
+                params.append(("algs", algs))
+        super().__init__(code, detail, challenge_params=tuple(params), **kw)
+        self.rfc_error = rfc_error
+        if scheme is not None:
+            self.challenge_scheme = scheme  # type: ignore[misc]
+
+
+class DPoPError(TokenError):
+    """An invalid DPoP proof (RFC 9449 section 7.1): 401, `DPoP error="invalid_dpop_proof"`,
+    with `algs=` listing the accepted algorithms."""
+
+    default_code = "dpop_invalid"
+    challenge_scheme = "DPoP"
+
+    def __init__(self, code: str | None = None, detail: str = "", *, algs: str | None = None,
+                 rfc_error: str = "invalid_dpop_proof", **kw) -> None:
+        super().__init__(code, detail, rfc_error=rfc_error, scheme="DPoP", algs=algs, **kw)
+
+
+class DPoPNonceRequired(DPoPError):
+    """RFC 9449 section 9: the proof must carry the server nonce given in `DPoP-Nonce`."""
+
+    default_code = "dpop_nonce_required"
+
+    def __init__(self, nonce: str, detail: str = "", *, algs: str | None = None, **kw) -> None:
+        headers = tuple(kw.pop("headers", ())) + (("DPoP-Nonce", nonce),)
+        super().__init__("dpop_nonce_required", detail, algs=algs, rfc_error="use_dpop_nonce",
+                         headers=headers, **kw)
+
+
+class InsufficientAuthentication(ProxyError):
+    """RFC 9470 step-up: the token's authentication is too weak or too old. 401 with
+    `error="insufficient_user_authentication"` and `acr_values` / `max_age`."""
+
+    status = 401
+    default_code = "insufficient_user_authentication"
+    decision = "deny"
+    challenge_scheme = "Bearer"
+
+    def __init__(self, code: str | None = None, detail: str = "", *, acr_values: str | None = None,
+                 max_age: int | None = None, scheme: str = "Bearer", **kw) -> None:
+        params = [("error", "insufficient_user_authentication")]
+        if acr_values:
+            params.append(("acr_values", acr_values))
+        if max_age is not None:
+            params.append(("max_age", str(max_age)))
+        super().__init__(code, detail, challenge_params=tuple(params), **kw)
+        self.challenge_scheme = scheme  # type: ignore[misc]
+
+
+class InsufficientScope(ProxyError):
+    """RFC 6750 section 3.1 `insufficient_scope`: 403 with the scopes needed."""
+
+    status = 403
+    default_code = "insufficient_scope"
+    decision = "deny"
+    challenge_scheme = "Bearer"
+
+    def __init__(self, code: str | None = None, detail: str = "", *, scope: str | None = None,
+                 **kw) -> None:
+        params = [("error", "insufficient_scope")] + ([("scope", scope)] if scope else [])
+        super().__init__(code, detail, challenge_params=tuple(params), **kw)
+
+
 class Denied(ProxyError):
     """The policy said no (403). `rule_id` names the deny rule, None when nothing matched."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 Effect = Literal["allow", "deny"]
 Mode = Literal["enforce", "shadow"]
@@ -51,6 +51,53 @@ class PeerIdentity:
     @property
     def cert_sha256_hex(self) -> str:
         return self.cert_sha256.hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """One actor of an RFC 8693 `act` chain (section 4.1): who is acting, for the subject."""
+
+    sub: str
+    iss: str | None = None
+    client_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """A verified OAuth access token (JWT, RFC 9068) reduced to what decisions and audit use.
+
+    `actors` is the delegation chain from the nested `act` claims, CURRENT actor first
+    (`act.sub`, then `act.act.sub`, ...). `fingerprint` is the hex SHA-256 of the raw token: the
+    only form in which a token ever reaches a log.
+    """
+
+    issuer: str
+    subject: str
+    audience: tuple[str, ...]
+    expires_at: int
+    fingerprint: str
+    client_id: str | None = None
+    scopes: frozenset[str] = frozenset()
+    actors: tuple[Actor, ...] = ()
+    acr: str | None = None
+    amr: tuple[str, ...] = ()
+    auth_time: int | None = None
+    issued_at: int | None = None
+    jti: str | None = None
+    cnf_jkt: str | None = None  # RFC 9449 section 6: SHA-256 JWK thumbprint, base64url
+    cnf_x5t_s256: str | None = None  # RFC 8705 section 3.1: SHA-256 of the client cert, base64url
+    authorization_details: tuple[Mapping[str, Any], ...] = ()  # RFC 9396
+    claims: Mapping[str, Any] = field(default_factory=lambda: EMPTY_MAP)  # all claims, frozen
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """How the token is bound to the presenter: "dpop" (RFC 9449), "mtls" (RFC 8705), "bearer"
+    (unbound), or "none" (no token). `proof_fingerprint` is the hex SHA-256 of the DPoP proof."""
+
+    kind: Literal["dpop", "mtls", "bearer", "none"]
+    jkt: str | None = None
+    proof_fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

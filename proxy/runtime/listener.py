@@ -17,9 +17,9 @@ Rules:
   `_MAX_QUEUED` waiting requests).
 - Exactly one audit record per exchange that got a request head, whatever happens (allow, deny,
   error, client gone, upstream reset); `Exchange.finish` is the only writer and runs once.
-- A failure after the response head was sent aborts the client connection (RFC 9112 9.6 leaves
-  no other honest signal; a clean TLS close would make a close-delimited body look complete);
-  before that, the error is rendered as a response.
+- A failure after the response head was sent aborts the client connection with a TCP RST
+  (RFC 9112 9.6 leaves no other honest signal; a clean TLS close, or even a bare FIN, makes a
+  close-delimited body look complete to curl); before that, the error is rendered as a response.
 - A pooled upstream connection that fails before any response byte is retried once on a fresh
   connection, only for a bodyless request with an idempotent method (RFC 9110 9.2.2).
 - Timeouts (one sweeper, no per-request timers): `header_timeout_s` for a request head (408),
@@ -33,6 +33,8 @@ import asyncio
 import logging
 import os
 import re
+import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -73,6 +75,7 @@ _REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,200}")
 _PENDING_BODY_LIMIT = 1 << 20  # bytes buffered for a request that waits its turn
 _LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final response
 _LINGER_S = 2.0
+_RST_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 _MAX_QUEUED = 32  # pipelined requests waiting their turn before reading pauses
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -815,10 +818,17 @@ class ClientConnection(asyncio.Protocol):
             t.close()
 
     def abort(self, why: str) -> None:
-        """Reset the connection (no TLS close_notify); nothing more is started on it."""
+        """Reset the connection: a TCP RST, no TLS close_notify (clients such as curl take a bare
+        FIN after a close-delimited body for its end); nothing more is started on it."""
         self.closed = True
         t = self.transport
         if t is not None:
+            sock = t.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST_LINGER)
+                except OSError:
+                    pass
             t.abort()
 
     def on_deadline(self) -> None:
