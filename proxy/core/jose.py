@@ -54,7 +54,10 @@ MIN_RSA_BITS = 2048
 
 def b64url_decode(part: str | bytes) -> bytes:
     """Strict base64url without padding (RFC 7515 section 2)."""
-    raw = part.encode("ascii") if isinstance(part, str) else part
+    try:
+        raw = part.encode("ascii") if isinstance(part, str) else part
+    except UnicodeEncodeError:
+        raise InvalidValue("not base64url") from None
     if not _B64_ALPHABET.issuperset(raw) or len(raw) % 4 == 1:
         raise InvalidValue("not base64url")
     try:
@@ -76,9 +79,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    raise InvalidValue("NaN and Infinity are not JSON", name)
+
+
 def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes (RFC 8259 section 8.1: no BOM, no UTF-16/32 guessing),
+    without duplicate members or the non-JSON constants NaN / Infinity."""
     try:
-        obj = json.loads(data, object_pairs_hook=_no_duplicates)
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except InvalidValue:
         raise
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -121,7 +131,7 @@ def thumbprint(jwk: Mapping[str, Any]) -> str:
     """RFC 7638 section 3.2 JWK thumbprint (SHA-256, base64url)."""
     kty = jwk.get("kty")
     required = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"), "OKP": ("crv", "kty", "x"),
-                "oct": ("k", "kty")}.get(kty)  # type: ignore[arg-type]
+                "oct": ("k", "kty")}.get(kty) if isinstance(kty, str) else None
     if required is None:
         raise InvalidValue("unsupported JWK kty", str(kty))
     members = {}
@@ -174,7 +184,7 @@ def parse_jwk(obj: Any) -> JWK:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InvalidValue(f"JWK is not a valid public key ({exc})") from None
     alg = obj.get("alg")
-    if alg is not None and alg not in ASYMMETRIC_ALGS:
+    if alg is not None and (not isinstance(alg, str) or alg not in ASYMMETRIC_ALGS):
         raise InvalidValue("JWK alg is not an accepted asymmetric algorithm", str(alg))
     kid = obj.get("kid")
     if kid is not None and not isinstance(kid, str):
