@@ -254,6 +254,19 @@ class PolicyUnavailable(ServiceUnavailable):
     default_code = "policy_unavailable"
 
 
+class ReplayStoreFull(ServiceUnavailable):
+    """The replay/single-use store is full of live records (`core.replay`). A value that cannot be
+    recorded is never accepted: the request fails closed with 503 instead."""
+
+    default_code = "replay_store_full"
+
+
+class DPoPReplayStoreFull(ReplayStoreFull):
+    """RFC 9449 section 11.1: a DPoP proof whose `jti` could not be recorded is refused (503)."""
+
+    default_code = "dpop_replay_store_full"
+
+
 class UpstreamError(ProxyError):
     status = 502
     default_code = "upstream_unavailable"
