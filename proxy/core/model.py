@@ -114,21 +114,33 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """What a policy rule may look at. Later issues add subject, actor chain, action, params."""
+    """What a policy rule may look at: the calling workload, the request, and (when a token was
+    presented and verified) the human subject, the actor chain and the binding."""
 
     workload: SpiffeId
     workload_uri: str
     method: str
     path: str
+    query: str = ""  # raw query string (no "?"); parameters are parsed by the policy when needed
+    token: TokenClaims | None = None
+    binding: Binding | None = None
+
+
+Effect3 = Literal["allow", "deny", "step_up"]
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """One policy outcome: the effect, the stable code, and the rule that decided (if any)."""
+    """One policy outcome: the effect, the stable code, and the rule that decided (if any).
 
-    effect: Effect
+    "step_up" (RFC 9470): an allow rule matched everything but the strength or freshness of the
+    user's authentication; `acr_values` / `max_age_s` say what a new token needs."""
+
+    effect: Effect3
     code: str
     rule_id: str | None
+    acr_values: tuple[str, ...] = ()
+    max_age_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
