@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     make_pki,
     median,
     own_cpu,
+    undisturbed,
     parse_targets,
     rss_mib,
     run_openloop,
@@ -81,8 +82,9 @@ def latency_run(h: Harness, pki, t, rnd: int, layout: dict, *, rate: float, dura
 
 
 def latency_phase(h: Harness, pki, targets: dict, layout: dict, *, rate: float, duration_s: float,
-                  warmup_s: float, rounds: int, connections: int) -> dict:
-    """Run the open-loop measurements; returns {"runs": [...], "summary": {...}}."""
+                  warmup_s: float, rounds: int, connections: int, retry) -> dict:
+    """Run the open-loop measurements; returns {"runs": [...], "summary": {...}}.
+    `retry` has .retries and .retry_wait (see common.undisturbed)."""
     names = list(targets)
     runs = []
     for rnd in range(rounds):
@@ -90,9 +92,9 @@ def latency_phase(h: Harness, pki, targets: dict, layout: dict, *, rate: float, 
         for name in order:
             if not targets[name].is_alive():
                 continue
-            runs.append(latency_run(h, pki, targets[name], rnd + 1, layout, rate=rate,
-                                    duration_s=duration_s, warmup_s=warmup_s,
-                                    connections=connections, upstream=targets.get("upstream")))
+            runs.append(undisturbed(retry, lambda: latency_run(
+                h, pki, targets[name], rnd + 1, layout, rate=rate, duration_s=duration_s,
+                warmup_s=warmup_s, connections=connections, upstream=targets.get("upstream"))))
     return {"runs": runs, "summary": summarize(runs, names)}
 
 
@@ -118,6 +120,7 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
             "died": any(not r["alive"] for r in rs),
             "foreign_cpus_max": max(r["foreign_cpus"] for r in rs),
             "steal_cpus_max": max(r["steal_cpus"] for r in rs),
+            "disturbed_rounds": sum(1 for r in rs if r.get("disturbed")),
         }
         if n != "upstream" and base:
             s["added_latency_us"] = {p: median([r["latency_us"][p] - base[r["round"]]["latency_us"][p]
@@ -155,7 +158,7 @@ def print_latency_table(summary: dict, *, rate: float, duration_s: float, rounds
               f"{_f(svc['p50'])} {_f(svc['p99'])} {_f(adds.get('p50'))} {_f(adds.get('p99'))} | "
               f"{_f(s['client_lag_us']['p99'])} {_f(s['proxy_cpu_us_per_req'])} "
               f"{s['non_200']:6d} {s['errors']:6d}" + ("  DIED" if s["died"] else "")
-              + ("  DISTURBED" if max(s["foreign_cpus_max"], s["steal_cpus_max"]) > 0.1 else ""))
+              + (f"  DISTURBED x{s['disturbed_rounds']}" if s["disturbed_rounds"] else ""))
 
 
 def main() -> int:
@@ -172,6 +175,9 @@ def main() -> int:
                     help="shared (default): proxies on the load-generator core for this test; "
                          "split: proxies on their own core (cross-core wake-ups add ms at the tail "
                          "on this VM)")
+    ap.add_argument("--retries", type=int, default=3,
+                    help="repeat a run disturbed by other processes up to N times (3)")
+    ap.add_argument("--retry-wait", type=float, default=3.0, help="seconds before a retry (3)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args()
@@ -185,10 +191,14 @@ def main() -> int:
             latency_layout(targets, layout, args.layout)
             res = latency_phase(h, pki, targets, layout, rate=args.rate, duration_s=args.duration,
                                 warmup_s=args.warmup, rounds=args.rounds,
-                                connections=args.connections)
+                                connections=args.connections, retry=args)
     except KeyboardInterrupt:
         log("bench: interrupted; everything started was stopped")
         return 130
+    except RuntimeError as exc:  # a target did not start or a load generator failed
+        log(f"bench: FAILED: {exc}")
+        log("bench: everything started was stopped")
+        return 2
     print_latency_table(res["summary"], rate=args.rate, duration_s=args.duration,
                         rounds=args.rounds, connections=args.connections, layout=args.layout)
     out = BENCH / "results" / f"latency-{stamp}.json"

@@ -23,6 +23,7 @@ the end, also on Ctrl-C; it only listens on and connects to 127.0.0.1.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -53,6 +54,7 @@ from common import (  # noqa: E402
     start_targets,
     tool_versions,
     tree_cpu,
+    undisturbed,
     write_json,
 )
 from latency import latency_run, print_latency_table, summarize as summarize_latency  # noqa: E402
@@ -144,6 +146,7 @@ def summarize_closed(runs: list[dict], names: list[str]) -> dict:
             "died": any(not r["alive"] for r in rs),
             "foreign_cpus_max": max(r["foreign_cpus"] for r in rs),
             "steal_cpus_max": max(r["steal_cpus"] for r in rs),
+            "disturbed_rounds": sum(1 for r in rs if r["disturbed"]),
         }
         for b in BASELINES:
             if b == n or b not in rounds:
@@ -194,9 +197,9 @@ def print_closed_table(summary: dict, args, layout: dict) -> None:
               f"{s['load_core_busy'] * 100:3.0f}%"
               + (f"  log lines/req {s['log_lines_per_req']:.3f}"
                  if s["log_lines_per_req"] == s["log_lines_per_req"] else "")
-              + (f"  DISTURBED: others used up to {s['foreign_cpus_max']:.2f} CPUs, steal "
-                 f"{s['steal_cpus_max']:.2f}" if max(s["foreign_cpus_max"], s["steal_cpus_max"]) > 0.1
-                 else ""))
+              + (f"  DISTURBED in {s['disturbed_rounds']} round(s): others used up to "
+                 f"{s['foreign_cpus_max']:.2f} CPUs, steal {s['steal_cpus_max']:.2f}"
+                 if s["disturbed_rounds"] else ""))
 
 
 def main() -> int:
@@ -221,11 +224,17 @@ def main() -> int:
                     help="open loop: shared (proxies moved to the load core) or split")
     ap.add_argument("--no-access-log", action="store_true",
                     help="nginx/haproxy without access log (Portcullis always audits)")
+    ap.add_argument("--retries", type=int, default=3,
+                    help="repeat a run disturbed by other processes up to N times (3)")
+    ap.add_argument("--retry-wait", type=float, default=3.0, help="seconds before a retry (3)")
     ap.add_argument("--no-pin", action="store_true", help="no taskset pinning")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 2.0, 1.0
+        args.retries = min(args.retries, 1)
+    if args.duration != int(args.duration) or args.duration < 1 or args.warmup < 1:
+        raise SystemExit("bench: --duration and --warmup are whole seconds >= 1 (wrk takes seconds)")
     open_duration = args.open_duration or args.duration
     names = parse_targets(args.targets)
     if args.two_workers:
@@ -249,8 +258,6 @@ def main() -> int:
             targets, layout = start_targets(h, pki, names, access_log=not args.no_access_log,
                                             pin=not args.no_pin)
             if layout["load"] is not None:
-                import os
-
                 os.sched_setaffinity(0, {int(layout["load"])})  # the harness stays off the proxy core
             order0 = list(targets)
             log(f"bench: warm-up {args.warmup:g} s per target")
@@ -265,18 +272,19 @@ def main() -> int:
                     t = targets[n]
                     if not t.is_alive():
                         continue
-                    closed.append(closed_run(h, t, rnd, shim=shim, pki=pki,
-                                             upstream=targets["upstream"], layout=layout, args=args))
+                    closed.append(undisturbed(args, lambda: closed_run(
+                        h, t, rnd, shim=shim, pki=pki, upstream=targets["upstream"],
+                        layout=layout, args=args)))
                 if not args.no_open_loop:
                     restore = latency_layout(targets, layout, args.latency_layout)
                     try:
                         for n in order:
                             if targets[n].is_alive():
-                                opened.append(latency_run(
+                                opened.append(undisturbed(args, lambda: latency_run(
                                     h, pki, targets[n], rnd, layout, rate=args.rate,
                                     duration_s=open_duration, warmup_s=1.0,
                                     connections=args.open_connections,
-                                    upstream=targets["upstream"]))
+                                    upstream=targets["upstream"])))
                     finally:
                         restore()
             for n, t in targets.items():
@@ -294,6 +302,10 @@ def main() -> int:
     except KeyboardInterrupt:
         log("bench: interrupted; everything started was stopped")
         return 130
+    except RuntimeError as exc:  # a target did not start or a load generator failed
+        log(f"bench: FAILED: {exc}")
+        log("bench: everything started was stopped")
+        return 2
     summary = summarize_closed(closed, names)
     print_closed_table(summary, args, layout)
     lat_summary = summarize_latency(opened, [n for n in names if any(r["target"] == n for r in opened)])
@@ -307,7 +319,7 @@ def main() -> int:
     write_json(out, {
         "kind": "run", "started": stamp, "elapsed_s": time.time() - t_start,
         "args": vars(args), "cpu_layout": layout, "machine": {
-            "cpus": len(__import__("os").sched_getaffinity(0)), "platform": platform.platform()},
+            "cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": tool_versions(),
         "closed_loop": {"summary": summary, "runs": closed},
         "open_loop": {"rate": args.rate, "layout": args.latency_layout,
