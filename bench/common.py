@@ -572,6 +572,20 @@ def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None,
                   note=f"--workers {workers}")
 
 
+def start_pyfloor(h: Harness, pki: Pki, upstream_port: int, cpus: str | None) -> Target:
+    """bench/pyfloor.py: the bare uvloop+httptools mTLS forwarder without any check (the floor)."""
+    port = free_port()
+    err = h.dir / "pyfloor.stderr"
+    proc = h.start("pyfloor", [sys.executable, str(BENCH / "pyfloor.py"), "--port", str(port),
+                               "--upstream-port", str(upstream_port), "--cert", pki.server_cert,
+                               "--key", pki.server_key, "--ca", pki.ca_bundle],
+                   cpus=cpus, stderr=open(err, "ab"))
+    tls = client_ssl_context(pki)
+    wait_until(lambda: probe(port, tls) == 200, 15, "pyfloor", proc, err)
+    return Target("pyfloor", "pyfloor", port, True, proc, cpus, stderr_file=err,
+                  note="bare Python forwarder, no checks")
+
+
 def scrape_metrics(t: Target) -> str:
     if t.admin_port is None:
         return ""
@@ -683,7 +697,7 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
 # ------------------------------------------------------------------------------------------------
 # target sets
 
-BASE_TARGETS = ("upstream", "nginx", "haproxy", "portcullis")
+BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "portcullis")
 TWO_CORE_TARGETS = ("nginx-w2", "haproxy-t2", "portcullis-w2")
 ALL_TARGETS = BASE_TARGETS + TWO_CORE_TARGETS
 
@@ -718,6 +732,8 @@ def start_targets(h: Harness, pki: Pki, names: list[str], *, access_log: bool = 
             t = start_haproxy(h, pki, up.port, proxy_cpu, 1, access_log)
         elif n == "haproxy-t2":
             t = start_haproxy(h, pki, up.port, all_cpu, 2, access_log, name=n)
+        elif n == "pyfloor":
+            t = start_pyfloor(h, pki, up.port, proxy_cpu)
         elif n == "portcullis":
             t = start_portcullis(h, pki, up.port, proxy_cpu, 1)
         elif n == "portcullis-w2":

@@ -106,6 +106,10 @@ class HeadersConfig:
     decision_id: str = field(default="x-portcullis-decision-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the decision id"))
     request_id: str = field(default="x-request-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="request id header (propagated or generated)"))
     xfcc: bool = field(default=True, metadata=meta(doc="add X-Forwarded-Client-Cert (Envoy SANITIZE_SET)"))
+    subject: str = field(default="x-portcullis-subject", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the token subject"))
+    issuer: str = field(default="x-portcullis-issuer", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the token issuer"))
+    actor_chain: str = field(default="x-portcullis-actor-chain", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the actor chain, current first"))
+    client_id: str = field(default="x-portcullis-client-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the token client_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,96 @@ class PolicyConfig:
     mode: Literal["enforce", "shadow"] = field(default="enforce", metadata=meta(doc="shadow: decide and record, let pass"))
     watch_interval_s: float = field(default=2.0, metadata=meta(min=0.05, doc="file poll interval"))
     max_staleness_s: float = field(default=0.0, metadata=meta(min=0, doc="fail closed after refreshes fail this long (0 = never)"))
+
+
+_JWS_ALGS = ("ES256", "ES384", "ES512", "EdDSA", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+
+
+def _algs(v: tuple[str, ...]) -> str | None:
+    bad = [a for a in v if a not in _JWS_ALGS]
+    if bad:
+        return (f"{', '.join(map(repr, bad))} not accepted: only asymmetric JWS algorithms "
+                f"({', '.join(_JWS_ALGS)}); never none or HMAC")
+    return None
+
+
+def _https_url(v: str) -> str | None:
+    return None if v.startswith("https://") and len(v) > 8 else "must be an https:// URL"
+
+
+def _origin(v: str) -> str | None:
+    from proxy.core.dpop import normalize_origin
+
+    try:
+        normalize_origin(v)
+    except (InvalidValue, ValueError, ConfigError) as exc:
+        return f"must be a public origin like https://api.example.com[:port] ({exc})"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str = field(metadata=meta(nonempty=True, doc="exact iss value"))
+    audiences: tuple[str, ...] = field(metadata=meta(nonempty=True, doc="accepted aud values"))
+    algorithms: tuple[str, ...] = field(default=("ES256",), metadata=meta(nonempty=True, check=_algs, doc="accepted JWS algorithms"))
+    jwks_file: str | None = field(default=None, metadata=meta(doc="JWKS file (watched)"))
+    jwks_url: str | None = field(default=None, metadata=meta(check=_https_url, doc="JWKS URL (HTTPS)"))
+    jwks_ca_file: str | None = field(default=None, metadata=meta(doc="CA bundle for jwks_url (default: system)"))
+    leeway_s: int = field(default=30, metadata=meta(min=0, max=600, doc="clock skew allowed"))
+    required_claims: tuple[str, ...] = field(default=("exp", "sub"), metadata=meta(doc="claims that must be present"))
+    require_at_jwt_typ: bool = field(default=False, metadata=meta(doc="RFC 9068 typ at+jwt required"))
+    max_delegation_depth: int = field(default=8, metadata=meta(min=0, max=64, doc="deepest act chain accepted"))
+
+    def __post_init__(self) -> None:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError(f"issuer {self.issuer}: exactly one of jwks_file and jwks_url is required")
+        if "exp" not in self.required_claims:
+            raise ValueError(f"issuer {self.issuer}: required_claims must include exp")
+
+
+@dataclass(frozen=True, slots=True)
+class DPoPSettings:
+    public_origin: str | None = field(default=None, metadata=meta(check=_origin, doc="origin callers sign in htu (never taken from Host)"))
+    algorithms: tuple[str, ...] = field(default=("ES256", "EdDSA"), metadata=meta(nonempty=True, check=_algs, doc="accepted proof algorithms"))
+    iat_window_s: int = field(default=60, metadata=meta(min=1, max=3600, doc="accepted proof age"))
+    iat_future_s: int = field(default=5, metadata=meta(min=0, max=300, doc="accepted clock skew ahead"))
+    max_proof_bytes: int = field(default=4096, metadata=meta(min=256, doc="largest DPoP header"))
+    require_nonce: bool = field(default=False, metadata=meta(doc="require server nonces (RFC 9449 section 9)"))
+    nonce_rotate_s: int = field(default=300, metadata=meta(min=10, doc="nonce rotation period"))
+    replay_max_entries: int = field(default=100000, metadata=meta(min=100, doc="jti replay store bound"))
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSvidSettings:
+    enabled: bool = field(default=False, metadata=meta(doc="accept JWT-SVIDs as workload identity"))
+    header: str = field(default="x-jwt-svid", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the JWT-SVID"))
+    audiences: tuple[str, ...] = field(default=(), metadata=meta(doc="accepted aud values"))
+    trusted_proxies: tuple[str, ...] = field(default=(), metadata=meta(doc="mTLS peers allowed to vouch with a JWT-SVID"))
+
+    def __post_init__(self) -> None:
+        if self.enabled and (not self.audiences or not self.trusted_proxies):
+            raise ValueError("jwt_svid: enabled needs audiences and trusted_proxies")
+
+
+@dataclass(frozen=True, slots=True)
+class TokensConfig:
+    issuers: tuple[IssuerConfig, ...] = field(default=(), metadata=meta(doc="trusted token issuers"))
+    cache_max_entries: int = field(default=10000, metadata=meta(min=0, doc="verified tokens kept"))
+    max_token_bytes: int = field(default=8192, metadata=meta(min=512, doc="largest access token"))
+    forward_token: bool = field(default=False, metadata=meta(doc="forward Authorization/DPoP upstream"))
+    jwks_refresh_interval_s: float = field(default=300.0, metadata=meta(min=1, doc="JWKS URL refresh"))
+    jwks_min_refresh_interval_s: float = field(default=30.0, metadata=meta(min=0, doc="unknown-kid refresh rate limit"))
+    jwks_max_staleness_s: float = field(default=86400.0, metadata=meta(min=0, doc="fail closed after refreshes fail this long"))
+    jwks_timeout_s: float = field(default=5.0, metadata=meta(min=0.1, doc="JWKS fetch timeout"))
+    jwks_max_bytes: int = field(default=1 << 20, metadata=meta(min=1024, doc="largest JWKS"))
+    dpop: DPoPSettings = field(default_factory=DPoPSettings, metadata=meta(doc="DPoP proofs"))
+    jwt_svid: JwtSvidSettings = field(default_factory=JwtSvidSettings, metadata=meta(doc="JWT-SVIDs"))
+
+    def __post_init__(self) -> None:
+        names = [i.issuer for i in self.issuers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"issuer listed twice: {', '.join(dup)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +241,7 @@ class Config:
     policy: PolicyConfig = field(metadata=meta(doc="authorization policy"))
     listener: ListenerConfig = field(default_factory=ListenerConfig, metadata=meta(doc="data listener"))
     headers: HeadersConfig = field(default_factory=HeadersConfig, metadata=meta(doc="identity headers"))
+    tokens: TokensConfig = field(default_factory=TokensConfig, metadata=meta(doc="OAuth access tokens, DPoP, JWT-SVIDs"))
     audit: AuditConfig = field(default_factory=AuditConfig, metadata=meta(doc="audit log"))
     admin: AdminConfig = field(default_factory=AdminConfig, metadata=meta(doc="admin listener"))
     server: ServerConfig = field(default_factory=ServerConfig, metadata=meta(doc="process model"))
@@ -196,8 +291,10 @@ def _resolve(cfg: Config, base: Path) -> Config:
     tds = tuple(dataclasses.replace(t, bundle_file=r(t.bundle_file)) for t in ident.trust_domains)
     ident = dataclasses.replace(ident, svid_file=r(ident.svid_file), svid_key_file=r(ident.svid_key_file),
                                 trust_domains=tds)
+    issuers = tuple(dataclasses.replace(i, jwks_file=r(i.jwks_file), jwks_ca_file=r(i.jwks_ca_file))
+                    for i in cfg.tokens.issuers)
     return dataclasses.replace(
-        cfg, identity=ident,
+        cfg, identity=ident, tokens=dataclasses.replace(cfg.tokens, issuers=issuers),
         policy=dataclasses.replace(cfg.policy, file=r(cfg.policy.file)),
         audit=dataclasses.replace(cfg.audit, signing_key_file=r(cfg.audit.signing_key_file)),
     )

@@ -169,6 +169,7 @@ class TokenError(ProxyError):
                 params.append(("algs", algs))
         super().__init__(code, detail, challenge_params=tuple(params), **kw)
         self.rfc_error = rfc_error
+        self.issuer: str | None = None  # set when the failure is about one issuer's keys
         if scheme is not None:
             self.challenge_scheme = scheme  # type: ignore[misc]
 

@@ -176,6 +176,8 @@ class Decision:
     target: Target
     would_be: Outcome | None = None
     obligations: Obligations = field(default_factory=Obligations)
+    token: TokenClaims | None = None
+    binding: Binding | None = None
 
     @property
     def allowed(self) -> bool:

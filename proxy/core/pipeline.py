@@ -3,27 +3,60 @@
 Order (DESIGN.md section 3):
   1. the sidecar can decide at all (`state.unavailable`: stale or missing inputs) -> 503
   2. the calling workload: X.509-SVID of the TLS peer, per trust domain  -> 403 PeerIdentityError
+     (behind a trusted L7 hop, a JWT-SVID in the configured header then names the workload)
   3. the request target, canonicalised once (`core.paths`)              -> 400 BadRequest
-  4. the policy decision (deny overrides allow; nothing matched = deny)  -> Decision
-  5. mode: enforce -> as decided; shadow (global) -> a denial is let through and recorded as
-     `would_be`; rules in shadow mode never change the enforced result, their differing outcome is
-     recorded as `would_be` too.
-Later issues insert token, binding and transaction-token checks between 2 and 4, here and only here.
+  4. the route's authentication requirement (policy `authentication`: token required / optional /
+     forbidden, binding dpop / mtls / any / none)
+  5. the access token (`core.tokens`, cached by digest)                  -> 401 TokenError
+  6. the DPoP proof (`core.dpop`, RFC 9449 4.3 order), then the binding of the token to this
+     presenter (DPoP key or mTLS certificate, RFC 8705)                 -> 401 DPoPError/TokenError
+  7. the policy decision (deny overrides allow; nothing matched = deny; an allow rule that only
+     lacks a strong or fresh enough authentication = step-up)           -> Decision / 401 RFC 9470
+  8. mode: enforce -> as decided; shadow (global) -> a denial or step-up is let through and
+     recorded as `would_be`; rules in shadow mode never change the enforced result, their
+     differing outcome is recorded as `would_be` too.
+Later issues insert transaction-token checks between 6 and 7, here and only here.
 
 Rules: pure (no I/O, time is `now`); every way out is a `Decision` or a `ProxyError` (DESIGN rule 3);
-`state` is one immutable snapshot per request, so a reload never mixes two revisions in one request.
-The target in the Decision is the canonical one: it is exactly what the forwarder sends upstream.
+`state` is one snapshot per request, so a reload never mixes two revisions in one request. The
+mutable collaborators (replay store, token cache) are shared by snapshots and only ever grow
+monotonic facts (seen jti digests, verified tokens), never policy. The target in the Decision is
+the canonical one: exactly what the forwarder sends upstream.
+Every 401 carries the challenge of the route: `DPoP ... algs="..."` where DPoP is accepted, else
+`Bearer` (RFC 9449 7.1, RFC 6750 3). A request without any token gets a challenge without `error=`
+(RFC 6750 3.1).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from proxy.core.model import Decision, Mode, Obligations, RequestContext, Target
+from dataclasses import dataclass, field
+from proxy.core.dpop import DPoPConfig, NonceIssuer, check_binding, request_uri, verify_dpop_proof
+from proxy.core.model import (
+    Binding,
+    Decision,
+    Mode,
+    Obligations,
+    Outcome,
+    PeerIdentity,
+    RequestContext,
+    Target,
+    TokenClaims,
+)
 from proxy.core.paths import canonicalize_target
 from proxy.core.policy import CompiledPolicy, evaluate
+from proxy.core.replay import ReplayStore
 from proxy.core.spiffe import PeerCertificates, TrustStore, verify_peer
-from proxy.errors import Denied, ServiceUnavailable
+from proxy.core.tokens import Issuers, TokenCache, verify_access_token_cached
+from proxy.errors import (
+    BadRequest,
+    Denied,
+    DPoPError,
+    InsufficientAuthentication,
+    ServiceUnavailable,
+    TokenError,
+)
+
+_NO_TOKEN = Binding("none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +65,39 @@ class IdentityHeaders:
 
     spiffe_id: str = "x-portcullis-spiffe-id"
     xfcc: bool = True
+    subject: str = "x-portcullis-subject"
+    issuer: str = "x-portcullis-issuer"
+    actors: str = "x-portcullis-actor-chain"
+    client_id: str = "x-portcullis-client-id"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """Everything the token steps read (config `tokens`, keys as currently loaded)."""
+
+    issuers: Issuers = field(default_factory=dict)
+    dpop: DPoPConfig | None = None
+    public_origin: str | None = None  # normalised; the base of every DPoP `htu`
+    cache: TokenCache | None = None  # mutable collaborator (verified tokens by digest)
+    replay: ReplayStore | None = None  # mutable collaborator (DPoP jti digests)
+    nonces: NonceIssuer | None = None
+    require_nonce: bool = False
+
+    @property
+    def dpop_algs(self) -> str | None:
+        return self.dpop.algs if self.dpop is not None else None
 
 
 @dataclass(frozen=True, slots=True)
 class State:
-    """Everything `authorize` reads, as one immutable snapshot (swapped whole on reload)."""
+    """Everything `authorize` reads, as one snapshot (swapped whole on reload)."""
 
     trust: TrustStore
     policy: CompiledPolicy
     mode: Mode
     own_id: str  # the sidecar's own SPIFFE ID (XFCC By=)
     identity_headers: IdentityHeaders = IdentityHeaders()
+    tokens: TokenSettings = TokenSettings()
     #: a stable code when the sidecar must fail closed (e.g. "svid_expired", "policy_stale")
     unavailable: str | None = None
 
@@ -54,6 +109,8 @@ class RequestFacts:
     method: str
     raw_target: str
     peer: PeerCertificates
+    authorization: tuple[str, ...] = ()  # every Authorization header value
+    dpop: tuple[str, ...] = ()  # every DPoP header value
 
 
 def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
@@ -64,20 +121,31 @@ def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
 
     peer = verify_peer(facts.peer, state.trust, now)
     target: Target = canonicalize_target(facts.raw_target)
+    policy = state.policy
+    requirement = policy.authentication_for(facts.method, target.path)
+    # with no issuer configured the sidecar does no token work: Authorization is the workload's
+    if requirement.token == "required" or (facts.authorization and state.tokens.issuers):
+        claims, binding = _authenticate(facts, state, requirement, peer, target, now)
+    else:
+        claims, binding = None, _NO_TOKEN
 
-    ctx = RequestContext(workload=peer.spiffe_id, workload_uri=peer.uri, method=facts.method,
-                         path=target.path)
-    verdict = evaluate(state.policy, ctx)
+    ctx = RequestContext(peer.spiffe_id, peer.uri, facts.method, target.path, target.query,
+                         claims, binding)
+    verdict = evaluate(policy, ctx, now=now)
     out = verdict.outcome
-    revision = state.policy.revision
+    revision = policy.revision
     if out.effect == "allow":
         return Decision("allow", out.code, out.rule_id, revision, state.mode, peer, target,
-                        would_be=verdict.shadow, obligations=_obligations(state, peer))
+                        would_be=verdict.shadow, obligations=_obligations(state, peer, claims),
+                        token=claims, binding=binding)
     if state.mode == "shadow":
         return Decision("allow", "shadow_allowed", out.rule_id, revision, "shadow", peer, target,
-                        would_be=verdict.shadow or out, obligations=_obligations(state, peer))
+                        would_be=verdict.shadow or out, obligations=_obligations(state, peer, claims),
+                        token=claims, binding=binding)
+    if out.effect == "step_up":
+        raise _step_up(out, state, requirement.binding)
     return Decision("deny", out.code, out.rule_id, revision, state.mode, peer, target,
-                    would_be=verdict.shadow)
+                    would_be=verdict.shadow, token=claims, binding=binding)
 
 
 def deny_error(decision: Decision) -> Denied:
@@ -85,11 +153,118 @@ def deny_error(decision: Decision) -> Denied:
     return Denied(decision.code, f"policy decision {decision.code}", rule_id=decision.rule_id)
 
 
-def _obligations(state: State, peer) -> Obligations:
+# ----------------------------------------------------------------------------------------------
+# tokens and binding
+# ----------------------------------------------------------------------------------------------
+
+
+def _scheme_for(binding: str, tokens: TokenSettings) -> str:
+    return "DPoP" if binding in ("dpop", "any") and tokens.dpop is not None else "Bearer"
+
+
+def _challenge(err: TokenError, scheme: str, algs: str | None) -> TokenError:
+    """Give a token error the challenge of the route (RFC 9449 7.1 / RFC 6750 3)."""
+    err.challenge_scheme = scheme  # type: ignore[misc]
+    if scheme == "DPoP" and algs and not any(k == "algs" for k, _ in err.challenge_params):
+        err.challenge_params = err.challenge_params + (("algs", algs),)
+    elif scheme == "Bearer":
+        err.challenge_params = tuple(p for p in err.challenge_params if p[0] != "algs")
+    return err
+
+
+def _authenticate(facts: RequestFacts, state: State, requirement, peer: PeerIdentity,
+                  target: Target, now: float) -> tuple[TokenClaims | None, Binding]:
+    tokens = state.tokens
+    scheme_name = _scheme_for(requirement.binding, tokens)
+    algs = tokens.dpop_algs
+    if not facts.authorization:
+        # RFC 6750 3.1: no credentials at all -> a challenge without an error code
+        raise _challenge(TokenError("token_missing", "the route requires an access token",
+                                    rfc_error=""), scheme_name, algs)
+    if len(facts.authorization) > 1:
+        raise _challenge(TokenError("token_multiple", "more than one Authorization header",
+                                    rfc_error="invalid_request"), scheme_name, algs)
+    if requirement.token == "forbidden":
+        raise BadRequest("token_forbidden", "this route accepts no access token")
+    scheme, _, token = facts.authorization[0].partition(" ")
+    token = token.strip(" ")
+    lscheme = scheme.lower()  # RFC 9110 11.1: auth-scheme is case-insensitive
+    if lscheme not in ("bearer", "dpop") or not token or " " in token:
+        raise _challenge(TokenError("token_malformed", "Authorization is not 'Bearer <token>' or "
+                                    "'DPoP <token>'", rfc_error="invalid_request"), scheme_name, algs)
+    try:
+        claims = verify_access_token_cached(token, tokens.issuers, now, tokens.cache) \
+            if tokens.cache is not None else _verify_uncached(token, tokens, now)
+    except TokenError as err:
+        if err.code == "token_keys_unavailable":
+            raise ServiceUnavailable("jwks_unavailable", err.detail) from None
+        raise _challenge(err, scheme_name, algs) from None
+
+    proof = None
+    if facts.dpop or lscheme == "dpop":
+        if tokens.dpop is None or tokens.public_origin is None or tokens.replay is None:
+            raise _challenge(DPoPError("dpop_not_accepted", "DPoP is not configured here"),
+                             "Bearer", None)
+        nonces = tokens.nonces
+        proof = verify_dpop_proof(
+            list(facts.dpop), method=facts.method,
+            htu=request_uri(tokens.public_origin, target.path), access_token=token,
+            config=tokens.dpop, replay=tokens.replay, now=now,
+            nonce_check=(lambda n: nonces.valid(n, now)) if nonces is not None else None,
+            current_nonce=(lambda: nonces.current(now)) if nonces is not None else None,
+            expected_jkt=claims.cnf_jkt)
+    try:
+        binding = check_binding(claims, "DPoP" if lscheme == "dpop" else "Bearer", proof,
+                                peer.cert_sha256, requirement.binding, algs or "")
+    except TokenError as err:
+        raise _challenge(err, scheme_name, algs) from None
+    return claims, binding
+
+
+def _verify_uncached(token: str, tokens: TokenSettings, now: float) -> TokenClaims:
+    from proxy.core.tokens import verify_access_token
+
+    return verify_access_token(token, tokens.issuers, now)
+
+
+def _step_up(out: Outcome, state: State, binding: str) -> InsufficientAuthentication:
+    """RFC 9470 section 3: 401 insufficient_user_authentication with acr_values / max_age."""
+    return InsufficientAuthentication(
+        "step_up_required", f"rule {out.rule_id} needs a stronger or fresher authentication",
+        acr_values=" ".join(out.acr_values) or None, max_age=out.max_age_s,
+        scheme=_scheme_for(binding, state.tokens), rule_id=out.rule_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# obligations
+# ----------------------------------------------------------------------------------------------
+
+_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%"), ord(",")}
+
+
+def header_value(text: str) -> str:
+    """A claim value made safe for an HTTP header: visible ASCII except `%` and `,` kept, every
+    other byte of its UTF-8 form percent-encoded (so no CR/LF/NUL can ever be injected)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if all(b in _SAFE for b in raw):
+        return text
+    return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
+
+
+def _obligations(state: State, peer: PeerIdentity, claims: TokenClaims | None) -> Obligations:
     hdrs = state.identity_headers
     out = [(hdrs.spiffe_id, peer.uri)]
     if hdrs.xfcc:
         # Envoy's SANITIZE_SET format: By=<our SPIFFE ID>;Hash=<sha256 hex of the peer leaf>;URI=<peer>
         out.append(("x-forwarded-client-cert",
                     f"By={state.own_id};Hash={peer.cert_sha256.hex()};URI={peer.uri}"))
+    if claims is not None:
+        out.append((hdrs.issuer, header_value(claims.issuer)))
+        if claims.subject:
+            out.append((hdrs.subject, header_value(claims.subject)))
+        if claims.actors:
+            out.append((hdrs.actors, ",".join(header_value(a.sub) for a in claims.actors)))
+        if claims.client_id:
+            out.append((hdrs.client_id, header_value(claims.client_id)))
     return Obligations(headers=tuple(out))
+

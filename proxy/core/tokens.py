@@ -139,8 +139,10 @@ _MISSING: Any = object()
 _CACHE_HASH_CEILING = 1 << 16
 
 
-def _fail(code: str, detail: str) -> NoReturn:
-    raise TokenError(code, detail, rfc_error="invalid_token")
+def _fail(code: str, detail: str, issuer: str | None = None) -> NoReturn:
+    err = TokenError(code, detail, rfc_error="invalid_token")
+    err.issuer = issuer  # lets the runtime refresh that issuer's keys (unknown kid)
+    raise err
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,12 +373,12 @@ def _verify(token: str, issuers: Issuers, now: float, digest: bytes | None) -> T
     if alg not in policy.algorithms:
         _fail("token_alg_not_allowed", f"algorithm {alg} is not allowed for this issuer")
     if jwks is None:
-        _fail("token_keys_unavailable", "the issuer's JWKS is not loaded")
+        _fail("token_keys_unavailable", "the issuer's JWKS is not loaded", iss)
 
     # 6-7. key selection (the issuer's JWKS only) and signature
     candidates = jwks.candidates(kid, alg)
     if not candidates:
-        _fail("token_unknown_kid", f"no {alg} key with kid {kid!r:.80} in the issuer's JWKS")
+        _fail("token_unknown_kid", f"no {alg} key with kid {kid!r:.80} in the issuer's JWKS", iss)
     for key in candidates:
         try:
             jose.verify(jws, key, alg)

@@ -92,7 +92,8 @@ class AuditSink:
         self.dropped_unwritable = 0  # writer thread: given up at close after write errors
         self.healthy = True
         # internals
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()  # batches (lists of lines) or _STOP
+        self._pending: list[bytes] = []  # sealed this loop iteration, not yet handed over
         self._enqueued = 0  # lines handed to the writer (loop thread only)
         self._was_saturated = False
         self._drops_pending = 0  # dropped since the last audit_dropped record
@@ -139,6 +140,7 @@ class AuditSink:
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="portcullis-audit", daemon=True)
         self._thread.start()
+        self._flush()
         self._arm_timer(self.checkpoint_every_s)
 
     async def close(self, timeout_s: float | None = 10.0) -> None:
@@ -161,6 +163,7 @@ class AuditSink:
         self._enqueue(self.chain.checkpoint(format_time(self._clock()), final=True))
         self.checkpoints += 1
         self._closed = True
+        self._flush()
         self._done_loop = loop
         self._done = loop.create_future()
         self._closing.set()
@@ -175,11 +178,12 @@ class AuditSink:
 
     # ---------------------------------------------------------------- the hot path (loop thread)
 
-    def emit(self, record: dict) -> None:
+    def emit(self, record: dict, *, owned: bool = False) -> None:
         """Seal `record` now and queue its line. Never blocks; never raises on a full queue.
 
         A record outside the canonical domain (floats, non-JSON values) raises ValueError: that
-        is a bug in the caller, not a runtime condition.
+        is a bug in the caller, not a runtime condition. `owned=True`: the caller built the record
+        for this call only and hands it over (`AuditChain.seal_owned`: no copy, no re-scan).
         """
         if self._closed:
             self._drop(record, "the sink is closed")
@@ -190,7 +194,7 @@ class AuditSink:
             return
         if self._drops_pending:
             self._seal_drop_notice()
-        self._enqueue(self.chain.seal(record))
+        self._enqueue(self.chain.seal_owned(record) if owned else self.chain.seal(record))
         self.records_emitted += 1
         if self.chain.since_checkpoint >= self.checkpoint_every_records:
             self._checkpoint()
@@ -222,8 +226,18 @@ class AuditSink:
     # ---------------------------------------------------------------- loop-thread helpers
 
     def _enqueue(self, line: bytes) -> None:
+        # lines sealed during one loop iteration travel to the writer thread as ONE batch: one
+        # queue put and at most one thread wake-up per iteration, not one per record
         self._enqueued += 1
-        self._q.put(line)
+        pending = self._pending
+        pending.append(line)
+        if len(pending) == 1 and self._loop is not None and not self._closed:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._q.put(batch)
 
     def _checkpoint(self) -> None:
         now = self._clock()
@@ -298,37 +312,35 @@ class AuditSink:
 
     def _write_loop(self) -> None:
         q = self._q
-        carry: bytes | None = None
-        stop = False
         while True:
-            if carry is not None:
-                item, carry = carry, None
-            elif stop:
-                break
-            else:
-                item = q.get()
-                if item is _STOP:
-                    break
-            batch = [item]
-            size = len(item)
-            while size < PIPE_BUF and not stop:
+            item = q.get()
+            if item is _STOP:
+                return
+            lines: list[bytes] = item
+            stop = False
+            while True:  # take every batch already waiting: fewer, fuller writes
                 try:
                     nxt = q.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is _STOP:
                     stop = True
-                elif size + len(nxt) > PIPE_BUF:
-                    carry = nxt
                     break
-                else:
-                    batch.append(nxt)
-                    size += len(nxt)
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            if not self._write_all(data):
-                self._give_up(len(batch), carry, stop)
-                break
-            self._notify_written(len(batch))
+                lines.extend(nxt)
+            i, n = 0, len(lines)
+            while i < n:  # whole lines, at most PIPE_BUF bytes per write (one line alone if larger)
+                start, size = i, len(lines[i])
+                i += 1
+                while i < n and size + len(lines[i]) <= PIPE_BUF:
+                    size += len(lines[i])
+                    i += 1
+                data = lines[start] if i - start == 1 else b"".join(lines[start:i])
+                if not self._write_all(data):
+                    self._give_up(n - start, stop)
+                    return
+                self._notify_written(i - start)
+            if stop:
+                return
 
     def _write_all(self, data: bytes) -> bool:
         """Write `data` fully; retry on errors until it works or the sink is closing."""
@@ -359,15 +371,15 @@ class AuditSink:
             _log(f"write to fd {self.fd} recovered; sink healthy again")
         return True
 
-    def _give_up(self, in_batch: int, carry: bytes | None, stop: bool) -> None:
+    def _give_up(self, in_hand: int, stop: bool) -> None:
         """At close, after a failed final attempt: count every line still held as dropped."""
-        lost = in_batch + (carry is not None)
+        lost = in_hand
         if not stop:
             while True:
                 item = self._q.get()
                 if item is _STOP:
                     break
-                lost += 1
+                lost += len(item)
         self.dropped_unwritable += lost
         _log(f"DROPPED {lost} audit line(s) at close: fd {self.fd} cannot be written")
 

@@ -117,7 +117,9 @@ class Inputs:
             policy=self.policy.value,  # type: ignore[arg-type]
             mode=self.cfg.policy.mode,
             own_id=str(svid.spiffe_id),  # type: ignore[union-attr]
-            identity_headers=IdentityHeaders(spiffe_id=hdrs.spiffe_id, xfcc=hdrs.xfcc),
+            identity_headers=IdentityHeaders(spiffe_id=hdrs.spiffe_id, xfcc=hdrs.xfcc,
+                                             subject=hdrs.subject, issuer=hdrs.issuer,
+                                             actors=hdrs.actor_chain, client_id=hdrs.client_id),
             unavailable=None if readiness.ready else readiness.reasons[0],
         )
 

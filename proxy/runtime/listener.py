@@ -58,6 +58,8 @@ from proxy.runtime.upstream import (
     Upstream,
     UpstreamConnection,
     connection_tokens,
+    drop_set,
+    forward_filter,
     request_head,
     response_head,
 )
@@ -118,6 +120,12 @@ class DataPlane:
         self.wall = _Wall()
         self.request_id_header = cfg.headers.request_id.encode()
         self.decision_id_header = cfg.headers.decision_id
+        h = cfg.headers
+        own = (h.spiffe_id, h.decision_id, h.request_id, h.subject, h.issuer, h.actor_chain,
+               h.client_id, "x-forwarded-client-cert")
+        if cfg.tokens.issuers and not cfg.tokens.forward_token:
+            own += ("authorization", "dpop")
+        self.drop_headers = drop_set(own)
         self._waiting_for_sink: list[ClientConnection] = []
 
     def factory(self) -> "ClientConnection":
@@ -156,7 +164,8 @@ class Exchange:
         "body", "body_len", "body_done", "upstream", "decision", "error", "status",
         "upstream_status", "resp_mode", "chunk_out", "t0", "t_sent", "up_us", "request_id",
         "decision_id", "discard", "finished", "started", "headers_done", "upgrade", "expect",
-        "conn_tokens", "outcome", "retried", "head_request",
+        "conn_tokens", "outcome", "retried", "head_request", "content_length",
+        "authorization", "dpop", "lnames",
     )
 
     def __init__(self, conn: "ClientConnection") -> None:
@@ -190,6 +199,10 @@ class Exchange:
         self.upgrade = False
         self.expect = False
         self.conn_tokens: frozenset[bytes] = frozenset()
+        self.content_length = 0
+        self.authorization: tuple[str, ...] = ()
+        self.dpop: tuple[str, ...] = ()
+        self.lnames: list[bytes] = []
         self.outcome = "complete"
         self.retried = False
         self.head_request = False
@@ -305,7 +318,7 @@ class Exchange:
                    "decision_id": self.decision_id, "request_id": self.request_id,
                    "method": self.method, "decision": "error", "code": "audit_record_error",
                    "status": self.status, "detail": repr(exc)[:200]}
-        plane.sink.emit(rec)
+        plane.sink.emit(rec, owned=True)
         conn.exchange_finished(self)
 
     def _record(self, plane: DataPlane) -> dict:
@@ -366,6 +379,8 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.batch = plane.upstream.batch
+        self._out: list[bytes] | None = None  # writes held while a WriteBatch is open
         self.handshake_done = False
         self.transport: asyncio.Transport | None = None
         # created once the TLS handshake is done: until then nothing refers back to this
@@ -445,6 +460,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and not ex.body_done:
             # a request body is streaming: it must keep moving (slow-body limit)
             self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+        batch = self.batch
+        batch.begin()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -460,6 +477,8 @@ class ClientConnection(asyncio.Protocol):
             self.broken = True
         except httptools.HttpParserError as exc:
             self._parse_failed(BadRequest("malformed_request", f"HTTP/1.1 parse error: {exc}"))
+        finally:
+            batch.end()
 
     def eof_received(self) -> bool | None:
         return False
@@ -553,25 +572,35 @@ class ClientConnection(asyncio.Protocol):
 
     # -- framing ---------------------------------------------------------------------------------
     def _read_framing(self, ex: Exchange) -> None:
+        """One pass over the request headers: framing, Host, request id, credentials, and the
+        lowercased names the forwarder filters on (`ex.headers` becomes (name, value, lname))."""
         hosts = 0
         te: list[bytes] = []
         conn_values: list[bytes] = []
         has_cl = False
         rid_header = self.plane.request_id_header
+        lnames = []
         for name, value in ex.headers:
             n = name.lower()
+            lnames.append(n)
             if n == b"host":
                 hosts += 1
             elif n == b"transfer-encoding":
                 te.append(value)
             elif n == b"content-length":
                 has_cl = True
+                ex.content_length = int(value)  # httptools validated it (digits only, no dupes)
             elif n == b"connection":
                 conn_values.append(value)
             elif n == b"expect":
                 ex.expect = value.strip().lower() == b"100-continue"
+            elif n == b"authorization":
+                ex.authorization += (value.decode("latin-1"),)
+            elif n == b"dpop":
+                ex.dpop += (value.decode("latin-1"),)
             elif n == rid_header and not ex.request_id and _REQUEST_ID_RE.fullmatch(value):
                 ex.request_id = value.decode("ascii")
+        ex.lnames = lnames
         if not ex.request_id:
             ex.request_id = ex.decision_id
         ex.conn_tokens = connection_tokens(conn_values)
@@ -627,7 +656,8 @@ class ClientConnection(asyncio.Protocol):
             self.pause("audit")
             plane.wait_for_sink(self)
             return
-        facts = RequestFacts(ex.method, ex.url.decode("latin-1"), self.peer)
+        facts = RequestFacts(ex.method, ex.url.decode("latin-1"), self.peer, ex.authorization,
+                             ex.dpop)
         t = time.perf_counter()
         try:
             decision = authorize(facts, plane.get_state(), time.time())
@@ -680,10 +710,12 @@ class ClientConnection(asyncio.Protocol):
         if ex.body_mode == "chunked":
             framing = b"transfer-encoding: chunked\r\n"
         elif ex.body_mode == "length":
-            framing = b"content-length: %d\r\n" % self._content_length(ex)
+            framing = b"content-length: %d\r\n" % ex.content_length
         else:
             framing = b""
-        head = request_head(ex.method, d.target.request_target, ex.headers, ex.conn_tokens, extra,
+        lines, has_host = forward_filter(ex.headers, ex.lnames, self.plane.drop_headers,
+                                         ex.conn_tokens)
+        head = request_head(ex.method, d.target.request_target, lines, has_host, extra,
                             framing, self.plane.upstream.authority)
         ex.upstream = up
         up.begin(ex, head, head_request=ex.head_request)
@@ -699,12 +731,6 @@ class ClientConnection(asyncio.Protocol):
                 up.send(b"0\r\n\r\n")
             up.request_sent()
             ex.t_sent = time.perf_counter()
-
-    def _content_length(self, ex: Exchange) -> int:
-        for name, value in ex.headers:
-            if name.lower() == b"content-length":
-                return int(value)
-        return 0
 
     def respond_error(self, ex: Exchange, err: ProxyError) -> None:
         if ex.finished:
@@ -788,9 +814,24 @@ class ClientConnection(asyncio.Protocol):
 
     # -- transport helpers -----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        batch = self.batch
+        if batch.depth:  # inside a data_received: one write per connection at the end
+            out = self._out
+            if out is None:
+                self._out = [data]
+                batch.dirty.append(self)
+            else:
+                out.append(data)
+            return
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+
+    def flush_out(self) -> None:
+        out, self._out = self._out, None
+        t = self.transport
+        if out and t is not None and not t.is_closing():
+            t.write(out[0] if len(out) == 1 else b"".join(out))
 
     def pause(self, reason: str) -> None:
         if not self.paused:
@@ -813,6 +854,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        if self._out:
+            self.flush_out()
         t = self.transport
         if t is not None and not t.is_closing():
             t.close()
@@ -821,6 +864,7 @@ class ClientConnection(asyncio.Protocol):
         """Reset the connection: a TCP RST, no TLS close_notify (clients such as curl take a bare
         FIN after a close-delimited body for its end); nothing more is started on it."""
         self.closed = True
+        self._out = None
         t = self.transport
         if t is not None:
             sock = t.get_extra_info("socket")

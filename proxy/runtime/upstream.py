@@ -62,32 +62,46 @@ def connection_tokens(values: list[bytes]) -> frozenset[bytes]:
     return frozenset(out)
 
 
-def request_head(method: str, target: str, headers: list[tuple[bytes, bytes]],
-                 conn_tokens: frozenset[bytes], extra: tuple[tuple[str, str], ...],
-                 framing: bytes, host_fallback: bytes) -> bytes:
-    """Serialise the request head sent upstream (always HTTP/1.1)."""
-    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+def forward_filter(headers: list[tuple[bytes, bytes]], lnames: list[bytes], drop: frozenset[bytes],
+                   conn_tokens: frozenset[bytes]) -> tuple[list[bytes], bool]:
+    """The request header lines to forward, and whether a Host is among them.
+
+    Dropped: hop-by-hop and framing headers, every header named in Connection, identity headers
+    (`X-Forwarded-Client-Cert`, any `X-Portcullis-*`, and whatever names the sidecar sets itself:
+    `drop`). Names are compared lowercased with `_` read as `-`, because WSGI/CGI servers map both
+    to the same variable (`X_Portcullis_Spiffe_Id` would otherwise pass for the real header).
+    """
+    out = []
     has_host = False
-    drop_extra = {n.encode("latin-1") for n, _ in extra}
-    for name, value in headers:
-        lname = name.lower()
+    for (name, value), lname in zip(headers, lnames):
         if b"_" in lname:
             if lname in conn_tokens:
                 continue
             lname = lname.replace(b"_", b"-")
-        if (lname in HOP_BY_HOP or lname in _FRAMING or lname in conn_tokens
-                or lname in IDENTITY_EXACT or lname.startswith(IDENTITY_PREFIX) or lname in drop_extra):
+        if lname in drop or lname.startswith(IDENTITY_PREFIX) or lname in conn_tokens:
             continue
         if lname == b"host":
             has_host = True
-        parts.append(name + b": " + value + b"\r\n")
+        out.append(name + b": " + value + b"\r\n")
+    return out, has_host
+
+
+def request_head(method: str, target: str, lines: list[bytes], has_host: bool,
+                 extra: tuple[tuple[str, str], ...], framing: bytes, host_fallback: bytes) -> bytes:
+    """Serialise the request head sent upstream (always HTTP/1.1) from `forward_filter` lines."""
+    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), *lines]
     if not has_host:
         parts.append(b"host: " + host_fallback + b"\r\n")
-    for name, value in extra:
-        parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+    parts.append("".join(f"{name}: {value}\r\n" for name, value in extra).encode("latin-1"))
     parts.append(framing)
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def drop_set(own_headers: tuple[str, ...]) -> frozenset[bytes]:
+    """Every request header name the forwarder removes unconditionally (see forward_filter)."""
+    return frozenset(HOP_BY_HOP | _FRAMING | IDENTITY_EXACT
+                     | {h.lower().encode("latin-1") for h in own_headers})
 
 
 def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
@@ -118,6 +132,33 @@ def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     return b"".join(parts)
 
 
+class WriteBatch:
+    """Coalesces the writes one incoming read causes into one write per connection.
+
+    While `depth` > 0 (a client or upstream `data_received` is being processed), `write_out`
+    appends to the connection's buffer instead of writing; `end()` of the outermost batch writes
+    every buffer once. A small response then leaves as one TLS record and one syscall instead of
+    two (head, body), and a request head plus a small body as one upstream write. Closing a
+    connection flushes its buffer first; aborting drops it.
+    """
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list = []
+
+    def begin(self) -> None:
+        self.depth += 1
+
+    def end(self) -> None:
+        self.depth -= 1
+        if self.depth == 0 and self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for w in dirty:
+                w.flush_out()
+
+
 class Exchange(Protocol):
     """What an upstream connection reports to (implemented by the listener's request object)."""
 
@@ -136,6 +177,7 @@ class Upstream:
     def __init__(self, loop: asyncio.AbstractEventLoop, cfg: "UpstreamConfig", metrics: "Metrics",
                  sweeper: "Sweeper") -> None:
         self.loop, self.cfg, self.metrics, self.sweeper = loop, cfg, metrics, sweeper
+        self.batch = WriteBatch()  # shared with the listener's client connections
         self.idle: list[UpstreamConnection] = []
         self.closed = False
         if cfg.url.startswith("unix:"):
@@ -200,6 +242,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
+        self._out: list[bytes] | None = None  # writes held while a WriteBatch is open
         self.deadline = INF
         self.lost = False
         self.keep_alive = False
@@ -255,10 +298,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_received += len(data)
         if self.deadline != INF:
             self.deadline = self.upstream.loop.time() + self.upstream.cfg.response_timeout_s
+        batch = self.upstream.batch
+        batch.begin()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("upstream_bad_response", f"unparsable response: {exc}"))
+        finally:
+            batch.end()
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost completes a close-delimited body
@@ -286,11 +333,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.bytes_received = 0
         if self.used > 1:
             self.parser = httptools.HttpResponseParser(self)
-        self.transport.write(head)  # type: ignore[union-attr]
+        self.send(head)
 
     def send(self, data: bytes) -> None:
-        if not self.lost:
+        if self.lost:
+            return
+        batch = self.upstream.batch
+        if batch.depth:
+            out = self._out
+            if out is None:
+                self._out = [data]
+                batch.dirty.append(self)
+            else:
+                out.append(data)
+        else:
             self.transport.write(data)  # type: ignore[union-attr]
+
+    def flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and not self.lost and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def request_sent(self) -> None:
         """The whole request is written: start the response timer."""
@@ -310,11 +372,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.exchange = None
+        if self._out:
+            self.flush_out()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
         self.exchange = None
+        self._out = None
         if self.transport is not None:
             self.transport.abort()
 

@@ -440,3 +440,21 @@ def test_format_report_summary_then_one_line_per_problem():
     assert len(text) == 1 + len(report.problems)
     assert text[1].startswith("line 4 chain w1 seq 4 [first broken]: hash mismatch")
     assert "[first broken]" not in text[2]
+
+
+def test_seal_owned_writes_exactly_what_seal_writes_and_verifies():
+    a, b = AuditChain("w-owned"), AuditChain("w-owned")
+    recs = [{"type": "decision", "n": i, "who": "spiffe://example.org/é", "x": None,
+             "nested": {"z": [1, "b", True]}} for i in range(3)]
+    lines_a = [a.seal(dict(r)) for r in recs]
+    lines_b = [b.seal_owned(dict(r)) for r in recs]
+    assert lines_a == lines_b
+    lines_b.append(b.checkpoint("2026-11-28T14:00:00.000Z", final=True))
+    assert verify_lines(lines_b, None).ok
+
+
+def test_seal_owned_refuses_values_outside_the_domain_without_advancing():
+    ch = AuditChain("w-owned")
+    with pytest.raises(ValueError):
+        ch.seal_owned({"type": "decision", "big": 2 ** 60})
+    assert ch.seq == 0

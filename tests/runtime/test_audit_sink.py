@@ -364,6 +364,6 @@ def test_checkpoint_time_comes_from_the_injected_clock(pipe):
                      clock=lambda: 1764338400.5)
     sink.emit(rec(1))
     assert sink.checkpoints == 1
-    record, checkpoint = sink._q.get_nowait(), sink._q.get_nowait()  # never started: still queued
+    record, checkpoint = sink._pending  # never started: still waiting to be handed over
     assert orjson.loads(checkpoint)["type"] == "checkpoint"
     assert orjson.loads(checkpoint)["time"] == format_time(1764338400.5) == "2025-11-28T14:00:00.500Z"

@@ -3,13 +3,20 @@
 - `compile_policy(doc, *, source, revision, known_trust_domains) -> CompiledPolicy` validates the
   whole document and raises one `ConfigError` listing every problem with its key path
   (DESIGN rule 5); see `compiler` for the document format (version 1).
-- `evaluate(policy, ctx) -> Verdict` is pure, indexed and default-deny; see `evaluator` for the
-  semantics (deny overrides allow, first rule in file order names the decision, shadow rules).
+- `evaluate(policy, ctx, *, now=None) -> Verdict` is pure, indexed and default-deny; see
+  `evaluator` for the semantics (deny overrides allow, allow overrides step-up, first rule in file
+  order names the decision, shadow rules).
+- `CompiledPolicy.authentication_for(method, path) -> AuthRequirement`: what the route needs of
+  the token and its binding before any token is verified (first matching `authentication` entry,
+  else token optional / binding any).
 """
 
-from proxy.core.policy.compiler import compile_policy
+from proxy.core.policy.compiler import STEP_UP_CODE, compile_policy
 from proxy.core.policy.evaluator import NO_MATCH, evaluate, evaluate_linear
 from proxy.core.policy.model import (
+    DEFAULT_AUTH,
+    AuthEntry,
+    AuthRequirement,
     CompiledPolicy,
     CompiledRule,
     PathTemplate,
@@ -18,7 +25,11 @@ from proxy.core.policy.model import (
 )
 
 __all__ = [
+    "DEFAULT_AUTH",
     "NO_MATCH",
+    "STEP_UP_CODE",
+    "AuthEntry",
+    "AuthRequirement",
     "CompiledPolicy",
     "CompiledRule",
     "PathTemplate",

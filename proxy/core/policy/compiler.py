@@ -5,16 +5,47 @@ Document (version 1):
 
     version: 1                      # required, the integer 1
     revision: "example-1"           # optional string; else the caller's `revision` argument
+    authentication:                 # optional, non-empty list; first match in file order wins
+      - methods: [POST]             # optional (omitted = any), as in routes
+        paths: ["/api/invoices/**"] # required, non-empty, path templates as in routes
+        token: required             # required: required | optional | forbidden
+        binding: dpop               # optional: dpop | mtls | any (DPoP or mTLS, no bearer) |
+                                    #   none (an unbound bearer token is fine); default any,
+                                    #   and none for token: forbidden (the only value allowed)
     rules:                          # required, non-empty list, evaluated in file order
       - id: frontend-reads-items    # required, unique, [A-Za-z0-9._:-]{1,128}
         effect: allow               # required: allow | deny
         shadow: false               # optional: evaluated and recorded, never enforced
         description: "..."          # optional
-        from:
-          workloads: [<SPIFFE ID pattern>, ...]   # required, non-empty
+        from:                       # required: at least one selector; every given one must hold
+          workloads: [<SPIFFE ID pattern>, ...]   # the mTLS peer (omitted = any workload)
+          # token selectors (a rule with any of them never matches a request without a token):
+          subjects: [{issuer: <exact iss>, sub: <exact sub or "*">}, ...]
+          actors: [<SPIFFE ID pattern or exact string>, ...]     # actor `sub` (RFC 8693 act)
+          actor_position: current   # current (default: actors[0] only) | any (anywhere in chain)
+          clients: [<exact client_id>, ...]
+          scopes: [<scope>, ...]    # ALL must be granted
+          acr: [<acr>, ...]         # the token's acr is one of these
+          amr: [<method>, ...]      # ALL must be present
+          claims: {<name>: <string> | [<string>, ...]}  # top-level string claim equals one
         to:                         # required, non-empty list of routes
           - methods: [GET, HEAD]    # optional (omitted = any); [] is an error; uppercase tokens
             paths: [<path template>, ...]         # required, non-empty
+        require:                    # optional, allow rules only; needs a token
+          peer_is: actor            # actor | client: the mTLS peer's SPIFFE ID equals the
+                                    #   current actor's sub (resp. the token's client_id)
+          max_delegation_depth: 1   # len(actors) <= N (N >= 0)
+          acr_values: [urn:example:mfa]   # acr not one of these -> step_up (RFC 9470)
+          max_auth_age_s: 300       # auth_time older than now - N -> step_up (N >= 1)
+          authorization_details:    # RFC 9396: SOME entry of this type satisfies all of:
+            type: invoice_approval  #   required
+            match: {<entry field>: <request param>}   # equal as strings
+            bounds: {<request param>: {le|lt|ge|gt: <entry field> | <number> | [..., ...]}}
+
+Request parameters are path template captures (`{invoice_id}`) and query parameters; a bound's
+right side is an entry field name (a string) or a number literal (`{amount: {gt: 5000}}`), or a
+list of them that must all hold (`{le: [max_amount, 10000]}`). See `params` for decoding and
+number rules and `evaluator` for the semantics (step-up vs deny).
 
 Rules checked here (each failure is a `Problem` at its path, all reported together):
 - unknown keys, missing keys, wrong types, empty lists, an empty `rules` list, duplicate rule ids,
@@ -27,12 +58,30 @@ Rules checked here (each failure is a `Problem` at its path, all reported togeth
   identifier name, unique per template), `*` (one non-empty segment) or `**` (zero or more, last
   only); no partial wildcard, no empty segment except a trailing slash; literal segments must
   already be canonical (`core.paths.canonicalize_path`), else no canonical request could match;
-- methods: RFC 9110 tokens in uppercase (methods are case-sensitive: `get` never matches `GET`).
+- methods: RFC 9110 tokens in uppercase (methods are case-sensitive: `get` never matches `GET`);
+- `from`: at least one selector, no empty list; `actor_position` only with `actors`; actor patterns
+  starting with spiffe:// are SPIFFE ID patterns (as workloads, trust domain not checked: tokens
+  may name agents of other domains), other actor patterns are exact and must not contain `*`;
+  scopes must be RFC 6749 scope-tokens; `claims` names non-empty, values strings, and never a claim
+  that a verified token never carries as a string (exp, iat, nbf, auth_time, amr, act, cnf,
+  authorization_details);
+- `require`: allow rules only, non-empty; `max_delegation_depth: 0` with `from.actors` or
+  `peer_is: actor` can never match, nor can `acr_values` disjoint from `from.acr`; with `peer_is: actor` (current position) an actor pattern
+  that is not a SPIFFE ID (or, with `known_trust_domains`, names an unknown trust domain) can
+  never match, nor can exact actors none of which is one of the (exact) `from.workloads`; and
+  likewise `from.clients` with `peer_is: client`;
+  `authorization_details`: non-empty `type`, `match` / `bounds` non-empty mappings with non-empty
+  names, ops le/lt/ge/gt, right sides non-empty field names or finite numbers (not booleans);
+  literal bounds of one parameter that contradict each other (`{gt: 10, le: 5}`) can never match;
+- `authentication`: a non-empty list; `binding` other than none with `token: forbidden`; an entry
+  every request of which an earlier entry already matches (same or wider methods, templates
+  covered segment by segment, e.g. the same entry twice, or `/api/**` before `/api/x`) can never
+  decide anything.
 
 The structural checks of `from` and of each route use `core.schema`; the rule and top level are
 checked by hand because `from` is not a Python identifier. To extend a rule (subjects, actors,
-actions, a CEL `when`), add the key to `_RULE_KEYS`, compile it in `_compile_rule`, and add its
-index or residual check in `evaluator`.
+a CEL `when`), add the key to `_RULE_KEYS`, compile it in `_compile_rule`, and add its index
+or residual check (`CompiledRule.residual`).
 
 Revision: the document's `revision` when present, else the `revision` argument (a bundle loader
 passes the manifest revision); neither is a problem.
@@ -40,8 +89,11 @@ passes the manifest revision); neither is a problem.
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
 from proxy.core.model import Outcome, SpiffeId, Verdict
@@ -49,14 +101,23 @@ from proxy.core.paths import canonicalize_path
 from proxy.core.policy.model import (
     ONE,
     REST,
+    ActorPattern,
+    AuthEntry,
+    AuthRequirement,
+    Bound,
     CompiledPolicy,
     CompiledRule,
+    DetailsRequirement,
     MethodSets,
+    ParamSource,
     PathTemplate,
     PolicyIndex,
+    Requirements,
     Route,
+    TokenMatch,
     TrieNode,
     WorkloadPattern,
+    _is_one,
 )
 from proxy.core.schema import collect, join, meta
 from proxy.core.spiffe import SCHEME, parse_spiffe_id
@@ -68,9 +129,19 @@ RULE_ID_PATTERN = r"[A-Za-z0-9._:-]{1,128}"
 #: kinds[i] bit flags, read by the evaluator.
 KIND_DENY = 1
 KIND_SHADOW = 2
+KIND_RESIDUAL = 4  # the rule has token conditions or requirements: run `residuals[i]`
 
-_TOP_KEYS = ("version", "revision", "rules")
-_RULE_KEYS = ("id", "effect", "shadow", "description", "from", "to")
+STEP_UP_CODE = "step_up_required"
+
+_TOP_KEYS = ("version", "revision", "authentication", "rules")
+_RULE_KEYS = ("id", "effect", "shadow", "description", "from", "to", "require")
+_SELECTORS = ("workloads", "subjects", "actors", "clients", "scopes", "acr", "amr", "claims")
+_DETAILS_KEYS = ("type", "match", "bounds")
+_BOUND_OPS = ("le", "lt", "ge", "gt")
+#: claims a verified access token never carries as a string (core.tokens checks their types)
+_NON_STRING_CLAIMS = frozenset({"exp", "iat", "nbf", "auth_time", "amr", "act", "cnf",
+                                "authorization_details"})
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
 
 _METHOD = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -85,8 +156,43 @@ class _RuleHead:
 
 
 @dataclass(frozen=True, slots=True)
+class _SubjectSpec:
+    issuer: str = field(metadata=meta(nonempty=True))
+    sub: str = field(metadata=meta(nonempty=True))
+
+
+def _list() -> Any:
+    return field(default=None, metadata=meta(nonempty=True))
+
+
+@dataclass(frozen=True, slots=True)
 class _FromSpec:
-    workloads: tuple[str, ...] = field(metadata=meta(nonempty=True))
+    workloads: tuple[str, ...] | None = _list()
+    subjects: tuple[_SubjectSpec, ...] | None = _list()
+    actors: tuple[str, ...] | None = _list()
+    actor_position: Literal["current", "any"] | None = None
+    clients: tuple[str, ...] | None = _list()
+    scopes: tuple[str, ...] | None = _list()
+    acr: tuple[str, ...] | None = _list()
+    amr: tuple[str, ...] | None = _list()
+    claims: dict[str, Any] | None = _list()
+
+
+@dataclass(frozen=True, slots=True)
+class _RequireSpec:
+    peer_is: Literal["actor", "client"] | None = None
+    max_delegation_depth: int | None = field(default=None, metadata=meta(min=0))
+    acr_values: tuple[str, ...] | None = _list()
+    max_auth_age_s: int | None = field(default=None, metadata=meta(min=1))
+    authorization_details: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class _AuthSpec:
+    paths: tuple[str, ...] = field(metadata=meta(nonempty=True))
+    token: Literal["required", "optional", "forbidden"]
+    methods: tuple[str, ...] | None = field(default=None, metadata=meta(nonempty=True))
+    binding: Literal["dpop", "mtls", "any", "none"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +235,10 @@ def compile_policy(
     elif not revision:
         problems.append(Problem("revision", "is required (in the document or from the loader)"))
 
+    authentication: tuple[AuthEntry, ...] = ()
+    if "authentication" in doc:
+        authentication = _compile_authentication(doc["authentication"], problems)
+
     rules: list[CompiledRule] = []
     raw_rules = doc.get("rules")
     if "rules" not in doc:
@@ -164,7 +274,8 @@ def compile_policy(
         rules=compiled_rules,
         trust_domains=trust_domains,
         source=source,
-        index=build_index(compiled_rules),
+        index=build_index(compiled_rules, authentication),
+        authentication=authentication,
     )
 
 
@@ -192,17 +303,24 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
     head = collect(_RuleHead, head_data, path, problems)
 
     workloads: list[WorkloadPattern] = []
+    token: TokenMatch | None = None
+    spec: _FromSpec | None = None
     from_path = join(path, "from")
     if "from" not in raw:
         problems.append(Problem(from_path, "is required"))
     else:
         spec = collect(_FromSpec, raw["from"], from_path, problems)
         if spec is not None:
-            wpath = join(from_path, "workloads")
-            for j, text in enumerate(spec.workloads):
-                w = _compile_workload(text, join(wpath, j), problems, known_tds)
-                if w is not None:
-                    workloads.append(w)
+            if all(getattr(spec, k) is None for k in _SELECTORS):
+                problems.append(Problem(from_path, "needs at least one selector (one of "
+                                                   f"{', '.join(_SELECTORS)})"))
+            if spec.workloads is not None:
+                wpath = join(from_path, "workloads")
+                for j, text in enumerate(spec.workloads):
+                    w = _compile_workload(text, join(wpath, j), problems, known_tds)
+                    if w is not None:
+                        workloads.append(w)
+            token = _compile_token_match(spec, from_path, problems)
 
     routes: list[Route] = []
     to_path = join(path, "to")
@@ -219,8 +337,27 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
             if route is not None:
                 routes.append(route)
 
+    require: Requirements | None = None
+    if "require" in raw:
+        req_path = join(path, "require")
+        if head is not None and head.effect == "deny":
+            problems.append(Problem(req_path, "only allow rules can have requirements (a deny "
+                                              "rule that stopped matching when one fails would "
+                                              "deny less); put conditions in `from`"))
+        else:
+            require = _compile_require(raw["require"], req_path, problems)
+            if require is not None and spec is not None:
+                _check_require_against_from(require, spec, path, problems, known_tds)
+
     if head is None or len(problems) > before:
         return None
+    if require is not None and require.authorization_details is not None:
+        details = replace(require.authorization_details, sources=ParamSource.of(tuple(routes)))
+        require = replace(require, authorization_details=details)
+    step_up = None
+    if require is not None and (require.acr_values or require.max_auth_age_s is not None):
+        step_up = Outcome("step_up", STEP_UP_CODE, head.id, require.acr_values,
+                          require.max_auth_age_s)
     return CompiledRule(
         id=head.id,
         index=index,
@@ -229,7 +366,283 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
         description=head.description,
         workloads=tuple(workloads),
         routes=tuple(routes),
+        token=token,
+        require=require,
+        step_up=step_up,
     )
+
+
+def _strings(values: tuple[str, ...], path: str, problems: list[Problem]) -> frozenset[str]:
+    for j, v in enumerate(values):
+        if not v:
+            problems.append(Problem(join(path, j), "must not be empty"))
+    return frozenset(values)
+
+
+def _compile_token_match(spec: _FromSpec, path: str,
+                         problems: list[Problem]) -> TokenMatch | None:
+    """The token selectors of `from` (None when the rule has none)."""
+    if all(getattr(spec, k) is None for k in _SELECTORS if k != "workloads"):
+        if spec.actor_position is not None:
+            problems.append(Problem(join(path, "actor_position"), "has no effect without actors"))
+        return None
+    subjects: dict[str, frozenset[str] | None] | None = None
+    if spec.subjects is not None:
+        acc: dict[str, set[str] | None] = {}
+        for s in spec.subjects:
+            if s.sub == "*":
+                acc[s.issuer] = None
+            else:
+                subs = acc.setdefault(s.issuer, set())
+                if subs is not None:
+                    subs.add(s.sub)
+        subjects = {k: (None if v is None else frozenset(v)) for k, v in acc.items()}
+    actors: list[ActorPattern] = []
+    if spec.actors is not None:
+        apath = join(path, "actors")
+        for j, text in enumerate(spec.actors):
+            a = _compile_actor(text, join(apath, j), problems)
+            if a is not None:
+                actors.append(a)
+    elif spec.actor_position is not None:
+        problems.append(Problem(join(path, "actor_position"), "has no effect without actors"))
+    scopes: frozenset[str] = frozenset()
+    if spec.scopes is not None:
+        spath = join(path, "scopes")
+        for j, sc in enumerate(spec.scopes):
+            if not _SCOPE_TOKEN.fullmatch(sc):
+                problems.append(Problem(join(spath, j), f"{sc!r} is not an RFC 6749 scope-token "
+                                                        "(no token can grant it)"))
+        scopes = frozenset(spec.scopes)
+    claims: list[tuple[str, frozenset[str]]] = []
+    if spec.claims is not None:
+        cpath = join(path, "claims")
+        for name, value in spec.claims.items():
+            npath = join(cpath, name)
+            if not name:
+                problems.append(Problem(cpath, "claim names must not be empty"))
+            elif name in _NON_STRING_CLAIMS:
+                problems.append(Problem(npath, f"can never match: {name!r} is never a string "
+                                               "claim (use the dedicated selector)"))
+            elif isinstance(value, str):
+                claims.append((name, frozenset((value,))))
+            elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                claims.append((name, frozenset(value)))
+            elif isinstance(value, list) and not value:
+                problems.append(Problem(npath, "must not be empty"))
+            else:
+                problems.append(Problem(npath, "must be a string or a list of strings (claims "
+                                               f"match top-level string claims); got {value!r}"))
+    return TokenMatch(
+        subjects=None if subjects is None else MappingProxyType(subjects),
+        actors=tuple(actors),
+        actor_position=spec.actor_position or "current",
+        clients=None if spec.clients is None else _strings(spec.clients, join(path, "clients"),
+                                                           problems),
+        scopes=scopes,
+        acr=None if spec.acr is None else _strings(spec.acr, join(path, "acr"), problems),
+        amr=frozenset() if spec.amr is None else _strings(spec.amr, join(path, "amr"), problems),
+        claims=tuple(claims),
+    )
+
+
+def _compile_actor(text: str, path: str, problems: list[Problem]) -> ActorPattern | None:
+    if not text:
+        problems.append(Problem(path, "must not be empty"))
+        return None
+    if text.startswith(SCHEME):
+        w = _compile_workload(text, path, problems, None)
+        return None if w is None else ActorPattern(source=text, spiffe=w)
+    if "*" in text:
+        problems.append(Problem(path, f"{text!r}: wildcards are only allowed in SPIFFE ID "
+                                      "patterns (spiffe://...); other actor names are exact"))
+        return None
+    return ActorPattern(source=text)
+
+
+def _compile_require(raw: Any, path: str, problems: list[Problem]) -> Requirements | None:
+    before = len(problems)
+    if raw is None or isinstance(raw, Mapping) and not raw:
+        problems.append(Problem(path, "must not be empty (omit `require` instead)"))
+        return None
+    spec = collect(_RequireSpec, raw, path, problems)
+    details = None
+    if isinstance(raw, Mapping) and "authorization_details" in raw:
+        details = _compile_details(raw["authorization_details"],
+                                   join(path, "authorization_details"), problems)
+    if spec is None or len(problems) > before:
+        return None
+    acr_values = spec.acr_values or ()
+    for j, v in enumerate(acr_values):
+        if not v:
+            problems.append(Problem(join(join(path, "acr_values"), j), "must not be empty"))
+    return Requirements(
+        peer_is=spec.peer_is,
+        max_delegation_depth=spec.max_delegation_depth,
+        acr_values=tuple(acr_values),
+        max_auth_age_s=spec.max_auth_age_s,
+        authorization_details=details,
+    )
+
+
+def _check_require_against_from(req: Requirements, spec: _FromSpec, path: str,
+                                problems: list[Problem], known_tds: frozenset[str] | None) -> None:
+    """Combinations of `from` and `require` that can never match."""
+    from_path = join(path, "from")
+    if req.max_delegation_depth == 0:
+        why = ("from.actors" if spec.actors is not None
+               else "peer_is: actor" if req.peer_is == "actor" else None)
+        if why is not None:
+            problems.append(Problem(join(join(path, "require"), "max_delegation_depth"),
+                                    f"can never match: {why} needs an actor, but "
+                                    "max_delegation_depth 0 allows none"))
+    if req.acr_values and spec.acr is not None and not set(req.acr_values) & set(spec.acr):
+        problems.append(Problem(join(join(path, "require"), "acr_values"),
+                                "can never match: from.acr admits none of these values, so a "
+                                "step-up could never lead to an allow"))
+    peer_values: tuple[str, ...] | None = None
+    if req.peer_is == "actor" and spec.actors is not None and spec.actor_position != "any":
+        peer_values, key, what = spec.actors, "actors", "the current actor"
+    elif req.peer_is == "client" and spec.clients is not None:
+        peer_values, key, what = spec.clients, "clients", "the client_id"
+    if peer_values is None:
+        return
+    before = len(problems)
+    for j, text in enumerate(peer_values):
+        _check_peer_id(text, join(join(from_path, key), j), what, problems, known_tds)
+    # Exact workloads and exact peer values that share no ID: the peer can never be both.
+    if len(problems) == before and spec.workloads is not None and not any(
+            "*" in v for v in (*spec.workloads, *peer_values)) \
+            and not set(spec.workloads) & set(peer_values):
+        problems.append(Problem(join(from_path, key),
+                                f"can never match: with require.peer_is {what} is the mTLS "
+                                "peer, and none of these is one of from.workloads"))
+
+
+def _check_peer_id(text: str, path: str, what: str, problems: list[Problem],
+                   known_tds: frozenset[str] | None) -> None:
+    if not text.startswith(SCHEME):
+        problems.append(Problem(path, f"can never match: with require.peer_is {what} must be "
+                                      f"the mTLS peer's SPIFFE ID, and {text!r} is not one"))
+        return
+    if known_tds is not None:
+        rest = text[len(SCHEME):]
+        td = rest.split("/", 1)[0]
+        if td and "*" not in td and td not in known_tds:
+            problems.append(Problem(path, f"can never match: with require.peer_is {what} must "
+                                          "be the mTLS peer's SPIFFE ID, and there is no trust "
+                                          f"bundle for trust domain {td}"))
+
+
+def _compile_details(raw: Any, path: str, problems: list[Problem]) -> DetailsRequirement | None:
+    if not isinstance(raw, Mapping):
+        problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
+        return None
+    before = len(problems)
+    _unknown_keys(raw, _DETAILS_KEYS, path, problems)
+    dtype = raw.get("type")
+    if "type" not in raw:
+        problems.append(Problem(join(path, "type"), "is required"))
+    elif not isinstance(dtype, str) or not dtype:
+        problems.append(Problem(join(path, "type"), f"must be a non-empty string; got {dtype!r}"))
+
+    match: list[tuple[str, str]] = []
+    if "match" in raw:
+        mpath = join(path, "match")
+        for fld, param in _nonempty_mapping(raw["match"], mpath, "entry field", problems):
+            if not isinstance(param, str) or not param:
+                problems.append(Problem(join(mpath, fld), "must name a request parameter (a "
+                                        "path capture or a query parameter); got "
+                                        f"{param!r}"))
+            else:
+                match.append((fld, param))
+
+    bounds: list[Bound] = []
+    if "bounds" in raw:
+        bpath = join(path, "bounds")
+        for param, ops in _nonempty_mapping(raw["bounds"], bpath, "request parameter", problems):
+            ppath = join(bpath, param)
+            literal_bounds: list[Bound] = []
+            for op, rhs in _nonempty_mapping(ops, ppath, "operator", problems):
+                opath = join(ppath, op)
+                if op not in _BOUND_OPS:
+                    problems.append(Problem(opath, f"unknown operator (known: "
+                                                   f"{', '.join(_BOUND_OPS)})"))
+                    continue
+                items = rhs if isinstance(rhs, list) else [rhs]
+                if not items:
+                    problems.append(Problem(opath, "must not be empty"))
+                for k, item in enumerate(items):
+                    ipath = join(opath, k) if isinstance(rhs, list) else opath
+                    b = _compile_bound(param, op, item, ipath, problems)
+                    if b is not None:
+                        bounds.append(b)
+                        if b.literal is not None:
+                            literal_bounds.append(b)
+            _check_literal_bounds(literal_bounds, ppath, problems)
+    if len(problems) > before:
+        return None
+    return DetailsRequirement(type=dtype, match=tuple(match), bounds=tuple(bounds))
+
+
+def _nonempty_mapping(raw: Any, path: str, what: str,
+                      problems: list[Problem]) -> list[tuple[str, Any]]:
+    if not isinstance(raw, Mapping):
+        problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
+        return []
+    if not raw:
+        problems.append(Problem(path, "must not be empty"))
+        return []
+    out = []
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key:
+            problems.append(Problem(path, f"{what} names must be non-empty strings; got {key!r}"))
+        else:
+            out.append((key, value))
+    return out
+
+
+def _compile_bound(param: str, op: Any, rhs: Any, path: str,
+                   problems: list[Problem]) -> Bound | None:
+    if isinstance(rhs, str):
+        if not rhs:
+            problems.append(Problem(path, "must name an authorization_details field or be a "
+                                          "number; got ''"))
+            return None
+        return Bound(param=param, op=op, field=rhs)
+    if isinstance(rhs, bool) or not isinstance(rhs, (int, float)):
+        problems.append(Problem(path, "must name an authorization_details field (a string) or "
+                                      f"be a number; got {rhs!r}"))
+        return None
+    if isinstance(rhs, float) and not math.isfinite(rhs):
+        problems.append(Problem(path, f"must be a finite number; got {rhs!r}"))
+        return None
+    literal = rhs if isinstance(rhs, int) else Decimal(repr(rhs))
+    if isinstance(literal, Decimal) and literal == literal.to_integral_value():
+        literal = int(literal)  # 5000.0: compare as the integer
+    return Bound(param=param, op=op, literal=literal)
+
+
+def _check_literal_bounds(bounds: list[Bound], path: str, problems: list[Problem]) -> None:
+    """Literal bounds of one parameter whose intersection is empty can never hold."""
+    lo: tuple[Any, bool] | None = None  # (value, strict)
+    hi: tuple[Any, bool] | None = None
+    for b in bounds:
+        v = b.literal
+        assert v is not None
+        if b.op in ("ge", "gt"):
+            cand = (v, b.op == "gt")
+            if lo is None or cand[0] > lo[0] or (cand[0] == lo[0] and cand[1]):
+                lo = cand
+        else:
+            cand = (v, b.op == "lt")
+            if hi is None or cand[0] < hi[0] or (cand[0] == hi[0] and cand[1]):
+                hi = cand
+    if lo is not None and hi is not None and (lo[0] > hi[0] or
+                                              (lo[0] == hi[0] and (lo[1] or hi[1]))):
+        problems.append(Problem(path, "can never match: its number literals contradict each "
+                                      "other (no value is above the lower and below the upper "
+                                      "bound)"))
 
 
 def _compile_workload(text: str, path: str, problems: list[Problem],
@@ -277,11 +690,16 @@ def _compile_route(raw: Any, path: str, problems: list[Problem]) -> Route | None
     spec = collect(_RouteSpec, raw, path, problems)
     if spec is None:
         return None
+    return _route(spec.methods, spec.paths, path, problems)
+
+
+def _route(raw_methods: tuple[str, ...] | None, raw_paths: tuple[str, ...], path: str,
+           problems: list[Problem]) -> Route | None:
     ok = True
     methods: frozenset[str] | None = None
-    if spec.methods is not None:
+    if raw_methods is not None:
         mpath = join(path, "methods")
-        for j, m in enumerate(spec.methods):
+        for j, m in enumerate(raw_methods):
             if not _METHOD.fullmatch(m):
                 problems.append(Problem(join(mpath, j), f"{m!r} is not an HTTP method token"))
                 ok = False
@@ -289,16 +707,97 @@ def _compile_route(raw: Any, path: str, problems: list[Problem]) -> Route | None
                 problems.append(Problem(join(mpath, j), f"method {m!r} must be uppercase "
                                         f"({m.upper()!r}): methods are case-sensitive"))
                 ok = False
-        methods = frozenset(spec.methods)
+        methods = frozenset(raw_methods)
     templates: list[PathTemplate] = []
     ppath = join(path, "paths")
-    for j, text in enumerate(spec.paths):
+    for j, text in enumerate(raw_paths):
         t = _compile_template(text, join(ppath, j), problems)
         if t is None:
             ok = False
         else:
             templates.append(t)
     return Route(methods=methods, paths=tuple(templates)) if ok else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Authentication requirements
+# ------------------------------------------------------------------------------------------------
+
+
+def _compile_authentication(raw: Any, problems: list[Problem]) -> tuple[AuthEntry, ...]:
+    path = "authentication"
+    if not isinstance(raw, list):
+        problems.append(Problem(path, f"must be a list; got {type(raw).__name__}"))
+        return ()
+    if not raw:
+        problems.append(Problem(path, "must not be empty (omit the section: every route then "
+                                      "has token optional, binding any)"))
+        return ()
+    entries: list[AuthEntry] = []
+    for i, item in enumerate(raw):
+        epath = join(path, i)
+        spec = collect(_AuthSpec, item, epath, problems)
+        if spec is None:
+            continue
+        route = _route(spec.methods, spec.paths, epath, problems)
+        binding = spec.binding
+        if binding is None:
+            binding = "none" if spec.token == "forbidden" else "any"
+        elif spec.token == "forbidden" and binding != "none":
+            problems.append(Problem(join(epath, "binding"),
+                                    f"binding {binding} with token: forbidden: there is no token "
+                                    "to bind (use none, or omit binding)"))
+            continue
+        if route is None:
+            continue
+        shadowed_by = _shadowed_by(route, entries)
+        if shadowed_by:
+            names = ", ".join(f"authentication[{k}]" for k in shadowed_by)
+            problems.append(Problem(epath, f"can never match: every request it covers is "
+                                           f"matched first by {names} (first match wins)"))
+            continue
+        entries.append(AuthEntry(index=i, route=route,
+                                 requirement=AuthRequirement(spec.token, binding, i)))
+    return tuple(entries)
+
+
+def _template_covers(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Does template `a` match every path template `b` matches? (segment by segment)"""
+    for k, sa in enumerate(a):
+        if sa == REST:
+            return True
+        if k >= len(b):
+            return False
+        sb = b[k]
+        if sb == REST:
+            return False
+        if _is_one(sa):
+            if not _is_one(sb) and sb == "":
+                return False
+        elif _is_one(sb) or sa != sb:
+            return False
+    return len(a) == len(b)
+
+
+def _shadowed_by(route: Route, earlier: list[AuthEntry]) -> list[int]:
+    """Indices of earlier entries that together match every request `route` matches, each
+    (method, template) of `route` being covered by one earlier entry; [] when some request can
+    reach this entry."""
+    methods: tuple[str | None, ...] = (None,) if route.methods is None \
+        else tuple(sorted(route.methods))
+    used: set[int] = set()
+    for m in methods:
+        for t in route.paths:
+            for e in earlier:
+                em = e.route.methods
+                if em is not None and (m is None or m not in em):
+                    continue
+                if any(_template_covers(et.segments, t.segments) for et in e.route.paths):
+                    used.add(e.index)
+                    break
+            else:
+                return []
+    return sorted(used)
 
 
 def _compile_template(text: str, path: str, problems: list[Problem]) -> PathTemplate | None:
@@ -394,13 +893,17 @@ def _freeze_methods(d: dict[str | None, set[int]]) -> MethodSets:
     return MethodSets(by_method, any_)
 
 
-def build_index(rules: tuple[CompiledRule, ...]) -> PolicyIndex:
+def build_index(rules: tuple[CompiledRule, ...],
+                authentication: tuple[AuthEntry, ...] = ()) -> PolicyIndex:
     """Build the lookup structures the evaluator uses (see `PolicyIndex`)."""
     exact: dict[SpiffeId, set[int]] = {}
     wtries: dict[str, TrieNode] = {}
+    any_workload: set[int] = set()
     proot = TrieNode()
     for r in rules:
         i = r.index
+        if not r.workloads:
+            any_workload.add(i)
         for w in r.workloads:
             if w.exact:
                 sid = SpiffeId(w.trust_domain, "".join("/" + s for s in w.segments))
@@ -410,19 +913,22 @@ def build_index(rules: tuple[CompiledRule, ...]) -> PolicyIndex:
                 node, slot = _insert(root, w.segments, set)
                 getattr(node, slot).add(i)
         for route in r.routes:
-            methods: tuple[str | None, ...] = (None,) if route.methods is None \
-                else tuple(route.methods)
-            for t in route.paths:
-                node, slot = _insert(proot, t.segments, dict)
-                payload = getattr(node, slot)
-                for m in methods:
-                    payload.setdefault(m, set()).add(i)
+            _index_route(proot, route, i)
     for root in wtries.values():
         _freeze(root, frozenset)
     _freeze(proot, _freeze_methods)
 
+    auth_root = None
+    if authentication:
+        auth_root = TrieNode()
+        for pos, e in enumerate(authentication):  # payload: position in `authentication`
+            _index_route(auth_root, e.route, pos)
+        _freeze(auth_root, _freeze_methods)
+
     kinds = tuple((KIND_DENY if r.effect == "deny" else 0) | (KIND_SHADOW if r.shadow else 0)
+                  | (KIND_RESIDUAL if r.needs_token else 0)
                   for r in rules)
+    step_outcomes = tuple(r.step_up for r in rules)
     allow_outcomes = tuple(Outcome("allow", "allowed", r.id) for r in rules)
     deny_outcomes = tuple(Outcome("deny", "denied_by_rule", r.id) for r in rules)
     return PolicyIndex(
@@ -435,4 +941,19 @@ def build_index(rules: tuple[CompiledRule, ...]) -> PolicyIndex:
         verdicts_allow=tuple(Verdict(o) for o in allow_outcomes),
         verdicts_deny=tuple(Verdict(o) for o in deny_outcomes),
         has_shadow=any(r.shadow for r in rules),
+        any_workload=frozenset(any_workload),
+        residuals=tuple(r.residual if r.needs_token else None for r in rules),
+        step_outcomes=step_outcomes,
+        verdicts_step=tuple(None if o is None else Verdict(o) for o in step_outcomes),
+        auth_root=auth_root,
+        auth_requirements=tuple(e.requirement for e in authentication),
     )
+
+
+def _index_route(root: TrieNode, route: Route, i: int) -> None:
+    methods: tuple[str | None, ...] = (None,) if route.methods is None else tuple(route.methods)
+    for t in route.paths:
+        node, slot = _insert(root, t.segments, dict)
+        payload = getattr(node, slot)
+        for m in methods:
+            payload.setdefault(m, set()).add(i)

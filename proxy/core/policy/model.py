@@ -9,7 +9,10 @@ Rules:
 - The index (`PolicyIndex`) is built once by the compiler and never mutated afterwards; its dicts
   are plain dicts only because lookups on them are the hot path.
 
-Segment wildcards (shared by workload patterns and path templates):
+Rule results (`CompiledRule.decide`): `NO` (does not match), `STEP_UP` (an allow rule matched
+everything but the strength or freshness of the user's authentication, RFC 9470), `MATCH`.
+
+Segment wildcards (shared by workload patterns, actor patterns and path templates):
 - `*` matches exactly one non-empty segment; `{name}` (path templates only) does the same and
   names it;
 - `**` matches zero or more segments and may only be the last segment.
@@ -17,13 +20,37 @@ Segment wildcards (shared by workload patterns and path templates):
 
 from __future__ import annotations
 
+import operator
+from collections import abc
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal, Mapping
 
-from proxy.core.model import Effect, Outcome, RequestContext, SpiffeId
+from proxy.core.model import Effect, Outcome, RequestContext, SpiffeId, TokenClaims
+from proxy.core.policy.params import (
+    AMBIGUOUS,
+    Number,
+    decode_capture,
+    field_decimal,
+    field_text,
+    param_decimal,
+    parse_query,
+    query_param,
+    same_name,
+)
+from proxy.core.spiffe import parse_spiffe_id
+from proxy.errors import InvalidValue
 
 ONE = "*"
 REST = "**"
+
+#: `CompiledRule.decide` results (ordered: a larger value is a better match).
+NO = 0
+STEP_UP = 1
+MATCH = 2
+
+TokenMode = Literal["required", "optional", "forbidden"]
+BindingMode = Literal["dpop", "mtls", "any", "none"]
 
 
 def _is_one(seg: str) -> bool:
@@ -100,8 +127,312 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class ActorPattern:
+    """A pattern for an actor's `sub`: a SPIFFE ID pattern (`spiffe` set) when the source starts
+    with spiffe://, else the exact string. Exact SPIFFE IDs compare as strings (the pattern is
+    canonical, so only the canonical spelling of the ID can be equal)."""
+
+    source: str
+    spiffe: WorkloadPattern | None = None
+
+    def matches(self, sub: str) -> bool:
+        pattern = self.spiffe
+        if pattern is None or pattern.exact:
+            return sub == self.source
+        try:
+            parsed = parse_spiffe_id(sub)
+        except InvalidValue:
+            return False
+        return pattern.matches(parsed)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMatch:
+    """`from` selectors that read the verified access token (all must hold; each list is any-of
+    except `scopes` and `amr`, which need every listed value). Without a token nothing matches.
+
+    - `subjects`: issuer -> allowed subjects (None: any subject of that issuer);
+    - `actors`: patterns for actors[0].sub (`actor_position` "current") or any actor ("any");
+    - `clients`: exact `client_id`; `acr`: the token's `acr` is one of these;
+    - `scopes` / `amr`: all present; `claims`: top-level string claim equals one of the values.
+    """
+
+    subjects: Mapping[str, frozenset[str] | None] | None = None
+    actors: tuple[ActorPattern, ...] = ()
+    actor_position: Literal["current", "any"] = "current"
+    clients: frozenset[str] | None = None
+    scopes: frozenset[str] = frozenset()
+    acr: frozenset[str] | None = None
+    amr: frozenset[str] = frozenset()
+    claims: tuple[tuple[str, frozenset[str]], ...] = ()
+    #: computed: actor patterns compared as strings, and those that need the SPIFFE matcher
+    actor_exact: frozenset[str] = field(default=frozenset(), init=False)
+    actor_wild: tuple[ActorPattern, ...] = field(default=(), init=False)
+    #: computed: memo key (equal selectors share one `matches` result within an evaluation)
+    key: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", "t:" + repr((
+            None if self.subjects is None else sorted(self.subjects.items(), key=lambda kv: kv[0]),
+            self.actors, self.actor_position, self.clients, self.scopes, self.acr, self.amr,
+            self.claims)))
+        exact = [p.source for p in self.actors if p.spiffe is None or p.spiffe.exact]
+        wild = [p for p in self.actors if p.spiffe is not None and not p.spiffe.exact]
+        object.__setattr__(self, "actor_exact", frozenset(exact))
+        object.__setattr__(self, "actor_wild", tuple(wild))
+
+    def matches(self, tok: TokenClaims) -> bool:
+        subjects = self.subjects
+        if subjects is not None:
+            subs = subjects.get(tok.issuer, _ABSENT)
+            if subs is _ABSENT:
+                return False
+            if subs is not None and tok.subject not in subs:
+                return False
+        if self.clients is not None and tok.client_id not in self.clients:
+            return False
+        if self.scopes and not self.scopes <= tok.scopes:
+            return False
+        if self.acr is not None and tok.acr not in self.acr:
+            return False
+        if self.amr and not self.amr.issubset(tok.amr):
+            return False
+        if self.claims:
+            claims = tok.claims
+            for name, values in self.claims:
+                value = claims.get(name)
+                if type(value) is not str or value not in values:
+                    return False
+        if self.actors:
+            actors = tok.actors
+            if not actors:
+                return False
+            chain = actors[:1] if self.actor_position == "current" else actors
+            exact, wild = self.actor_exact, self.actor_wild
+            for a in chain:
+                sub = a.sub
+                if sub in exact:
+                    return True
+                for p in wild:
+                    if p.matches(sub):
+                        return True
+            return False
+        return True
+
+
+_ABSENT = object()
+
+
+_COMPARE = {"le": operator.le, "lt": operator.lt, "ge": operator.ge, "gt": operator.gt}
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """`<param> <op> <field or literal>`: the request parameter compared with the details entry's
+    field (`field` set) or with a number literal (`literal` set)."""
+
+    param: str
+    op: Literal["le", "lt", "ge", "gt"]
+    field: str | None = None
+    literal: Number | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSource:
+    """Where a rule's request parameters come from when one of its templates matched: the route's
+    `methods` (None: any), the template's `segments`, and its captures as (name, index into
+    `path.split("/")`)."""
+
+    methods: frozenset[str] | None
+    segments: tuple[str, ...]
+    captures: tuple[tuple[str, int], ...]
+
+    @staticmethod
+    def of(routes: tuple[Route, ...]) -> tuple[ParamSource, ...]:
+        return tuple(
+            ParamSource(r.methods, t.segments,
+                        tuple((seg[1:-1], k + 1) for k, seg in enumerate(t.segments)
+                              if seg[:1] == "{"))
+            for r in routes for t in r.paths)
+
+
+@dataclass(frozen=True, slots=True)
+class DetailsRequirement:
+    """`require.authorization_details` (RFC 9396): some entry of the token's
+    `authorization_details` has this `type`, each `match` field equals its request parameter (as
+    strings) and every bound holds numerically (see `params` for reading parameters/numbers).
+
+    Parameters are read per matching template of the rule (`sources`, in rule order): the
+    requirement holds when it holds for the parameters of any of them."""
+
+    type: str
+    match: tuple[tuple[str, str], ...] = ()  # (entry field, request parameter)
+    bounds: tuple[Bound, ...] = ()
+    sources: tuple[ParamSource, ...] = ()
+    #: computed: every request parameter read, once each, in order of first use, with its
+    #: `params.same_name` key; the literal bounds and the field bounds, as (param, compare, x)
+    params: tuple[tuple[str, str], ...] = field(default=(), init=False)
+    literal_bounds: tuple[tuple[str, Any, Number], ...] = field(default=(), init=False)
+    field_bounds: tuple[tuple[str, Any, str], ...] = field(default=(), init=False)
+    #: computed: memo key of `read` (equal for requirements that read the same way)
+    read_key: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        names = dict.fromkeys([p for _, p in self.match] + [b.param for b in self.bounds])
+        object.__setattr__(self, "params", tuple((n, same_name(n)) for n in names))
+        object.__setattr__(self, "read_key", "r:" + repr((self.sources, self.params)))
+        object.__setattr__(self, "literal_bounds", tuple(
+            (b.param, _COMPARE[b.op], b.literal) for b in self.bounds if b.field is None))
+        object.__setattr__(self, "field_bounds", tuple(
+            (b.param, _COMPARE[b.op], b.field) for b in self.bounds if b.field is not None))
+
+    def holds(self, ctx: RequestContext, details: tuple[Any, ...],
+              memo: dict[str, Any] | None = None) -> bool:
+        """Does the requirement hold for this request and these token details? `memo` (one per
+        evaluation) shares parameter reads between rules that read the same parameters."""
+        if not details:
+            return False
+        if memo is None:
+            readings = self.read(ctx, None)
+        else:
+            readings = memo.get(self.read_key)
+            if readings is None:
+                readings = memo[self.read_key] = self.read(ctx, memo)
+        for values in readings:
+            if self.satisfied(details, values):
+                return True
+        return False
+
+    def read(self, ctx: RequestContext, memo: dict[str, Any] | None) -> list[dict[str, str]]:
+        """The parameter values of each matching template (of a route whose method matches), in
+        rule order; templates where some parameter is absent or ambiguous are left out."""
+        method = ctx.method
+        segs: list[str] | None = None
+        query: Mapping[str, Any] | None = None
+        out = []
+        sources = self.sources
+        # One template: the caller (index or `decide`) already matched the route, so it matched.
+        single = len(sources) == 1
+        for src in sources:
+            if src.methods is not None and method not in src.methods:
+                continue
+            if segs is None:
+                if ctx.path[:1] != "/":
+                    return out
+                segs = ctx.path.split("/")
+            if not single and not match_segments(src.segments, segs, 1):
+                continue
+            if query is None:
+                if memo is None:
+                    query = parse_query(ctx.query)
+                else:
+                    query = memo.get("q:")
+                    if query is None:
+                        query = memo["q:"] = parse_query(ctx.query)
+            values = _read_params(self.params, src.captures, segs, query)
+            if values is not None:
+                out.append(values)
+        return out
+
+    def satisfied(self, details: tuple[Any, ...], values: Mapping[str, str]) -> bool:
+        """Does some entry of `details` satisfy this requirement for these parameter values?"""
+        numbers: dict[str, Number] = {}
+        for b in self.bounds:
+            if b.param not in numbers:
+                n = param_decimal(values[b.param])
+                if n is None:
+                    return False
+                numbers[b.param] = n
+        for param, compare, literal in self.literal_bounds:  # the same for every entry
+            if not compare(numbers[param], literal):
+                return False
+        dtype, match, field_bounds = self.type, self.match, self.field_bounds
+        for entry in details:
+            t = type(entry)
+            if t is not MappingProxyType and t is not dict and not isinstance(entry, abc.Mapping):
+                continue
+            if entry.get("type") != dtype:
+                continue
+            for f, p in match:
+                if field_text(entry.get(f)) != values[p]:
+                    break
+            else:
+                for param, compare, fld in field_bounds:
+                    other = field_decimal(entry.get(fld))
+                    if other is None or not compare(numbers[param], other):
+                        break
+                else:
+                    return True
+        return False
+
+
+def _read_params(names: tuple[tuple[str, str], ...], captures: tuple[tuple[str, int], ...],
+                 segs: list[str], query: Mapping[str, Any]) -> dict[str, str] | None:
+    """name -> value for every (name, same_name key), or None when one is absent or ambiguous
+    (given twice, in the path and the query, or the query is unreadable)."""
+    out: dict[str, str] = {}
+    for name, key in names:
+        q = query_param(query, name, key)
+        for cname, pos in captures:
+            if cname == name:
+                if q is not None:
+                    return None  # given twice: ambiguous
+                v = decode_capture(segs[pos])
+                break
+        else:
+            v = None if q is AMBIGUOUS else q
+        if v is None:
+            return None
+        out[name] = v
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """`require` of an allow rule. `peer_is`, `max_delegation_depth` and `authorization_details`
+    are hard conditions (a failure is a non-match); `acr_values` / `max_auth_age_s` turn a failure
+    into `STEP_UP`. `max_auth_age_s` with `now` None is a non-match (fail closed)."""
+
+    peer_is: Literal["actor", "client"] | None = None
+    max_delegation_depth: int | None = None
+    acr_values: tuple[str, ...] = ()
+    max_auth_age_s: int | None = None
+    authorization_details: DetailsRequirement | None = None
+
+    def check(self, ctx: RequestContext, tok: TokenClaims, now: float | None,
+              memo: dict[str, Any] | None = None) -> int:
+        peer_is = self.peer_is
+        if peer_is is not None:
+            uri = ctx.workload_uri
+            if peer_is == "actor":
+                if not tok.actors or tok.actors[0].sub != uri:
+                    return NO
+            elif tok.client_id != uri:
+                return NO
+            if str(ctx.workload) != uri:  # the parsed ID and its text must agree
+                return NO
+        if self.max_delegation_depth is not None and len(tok.actors) > self.max_delegation_depth:
+            return NO
+        details = self.authorization_details
+        if details is not None and not details.holds(ctx, tok.authorization_details, memo):
+            return NO
+        max_age = self.max_auth_age_s
+        if max_age is not None and now is None:
+            return NO
+        if self.acr_values and tok.acr not in self.acr_values:
+            return STEP_UP
+        if max_age is not None:
+            auth_time = tok.auth_time
+            if auth_time is None or not auth_time >= now - max_age:  # type: ignore[operator]
+                return STEP_UP
+        return MATCH
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledRule:
-    """One rule; `index` is its position in the file (order decides between matching rules)."""
+    """One rule; `index` is its position in the file (order decides between matching rules).
+    `workloads` is () when the rule does not constrain the calling workload (then `token` is set);
+    `token` holds the token selectors of `from`, `require` the requirements of an allow rule."""
 
     id: str
     index: int
@@ -110,11 +441,73 @@ class CompiledRule:
     description: str
     workloads: tuple[WorkloadPattern, ...]
     routes: tuple[Route, ...]
+    token: TokenMatch | None = None
+    require: Requirements | None = None
+    step_up: Outcome | None = None  # the outcome when `decide` says STEP_UP
 
-    def matches(self, ctx: RequestContext) -> bool:
-        """Reference semantics of a rule match (later: subjects, actors, actions, `when`)."""
-        return (any(r.matches(ctx.method, ctx.path) for r in self.routes)
-                and any(w.matches(ctx.workload) for w in self.workloads))
+    @property
+    def needs_token(self) -> bool:
+        return self.token is not None or self.require is not None
+
+    def decide(self, ctx: RequestContext, now: float | None = None) -> int:
+        """Reference semantics of a rule: NO, STEP_UP or MATCH."""
+        if not any(r.matches(ctx.method, ctx.path) for r in self.routes):
+            return NO
+        if self.workloads and not any(w.matches(ctx.workload) for w in self.workloads):
+            return NO
+        return self.residual(ctx, now)
+
+    def residual(self, ctx: RequestContext, now: float | None = None,
+                 memo: dict[str, Any] | None = None) -> int:
+        """The token conditions and requirements, for a request whose route and workload already
+        matched (the indexed evaluator calls this for the few rules its index found). `memo`, one
+        fresh dict per evaluation, shares work between rules with equal selectors."""
+        tm = self.token
+        if tm is None and self.require is None:
+            return MATCH
+        tok = ctx.token
+        if tok is None:
+            return NO
+        if tm is not None:
+            if memo is None:
+                ok = tm.matches(tok)
+            else:
+                ok = memo.get(tm.key)
+                if ok is None:
+                    ok = memo[tm.key] = tm.matches(tok)
+            if not ok:
+                return NO
+        if self.require is None:
+            return MATCH
+        return self.require.check(ctx, tok, now, memo)
+
+    def matches(self, ctx: RequestContext, now: float | None = None) -> bool:
+        """True when the rule fully matches (not merely up to a step-up)."""
+        return self.decide(ctx, now) == MATCH
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequirement:
+    """What a route needs before any rule runs (`authentication` section): `token` required |
+    optional | forbidden; `binding` dpop | mtls | any (DPoP or mTLS, a bearer token is refused) |
+    none (an unbound bearer token is accepted). `entry` is the deciding entry's index, None for
+    the default (no entry matched)."""
+
+    token: TokenMode
+    binding: BindingMode
+    entry: int | None = None
+
+
+DEFAULT_AUTH = AuthRequirement("optional", "any", None)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthEntry:
+    """One `authentication` entry: first match in file order wins."""
+
+    index: int
+    route: Route
+    requirement: AuthRequirement
 
 
 class TrieNode:
@@ -129,6 +522,30 @@ class TrieNode:
         self.one: TrieNode | None = None
         self.rest: Any = None
         self.end: Any = None
+
+
+def walk(root: TrieNode, segs: list[str], start: int) -> list[Any]:
+    """Payloads of every template matching segs[start:] (`**` payloads and exact ends)."""
+    out: list[Any] = []
+    n = len(segs)
+    stack = [(root, start)]
+    pop = stack.pop
+    push = stack.append
+    while stack:
+        node, i = pop()
+        if node.rest is not None:
+            out.append(node.rest)
+        if i == n:
+            if node.end is not None:
+                out.append(node.end)
+            continue
+        seg = segs[i]
+        child = node.lit.get(seg)
+        if child is not None:
+            push((child, i + 1))
+        if node.one is not None and seg:
+            push((node.one, i + 1))
+    return out
 
 
 class MethodSets:
@@ -149,8 +566,13 @@ class PolicyIndex:
     - `exact_workloads`: SpiffeId -> indices of rules naming that exact ID;
     - `workload_tries`: trust domain -> trie over SPIFFE path segments for wildcard patterns
       (payload: frozenset of rule indices);
+    - `any_workload`: indices of rules without `from.workloads` (they match every caller);
     - `path_root`: trie over request path segments (payload: `MethodSets`);
-    - `verdicts`: the precomputed Verdict for each enforced outcome without a shadow difference.
+    - `residuals`: per rule, None or its `CompiledRule.residual` (token conditions, requirements),
+      run only on rules the index found;
+    - `verdicts`: the precomputed Verdict for each enforced outcome without a shadow difference;
+    - `auth_root`: trie over `authentication` entry templates (payload: `MethodSets` of entry
+      indices), `auth_requirements` the requirement of each entry.
     """
 
     exact_workloads: dict[SpiffeId, frozenset[int]]
@@ -162,20 +584,52 @@ class PolicyIndex:
     verdicts_allow: tuple[Any, ...]
     verdicts_deny: tuple[Any, ...]
     has_shadow: bool
+    any_workload: frozenset[int] = frozenset()
+    residuals: tuple[Any, ...] = ()
+    step_outcomes: tuple[Outcome | None, ...] = ()
+    verdicts_step: tuple[Any, ...] = ()
+    auth_root: TrieNode | None = None
+    auth_requirements: tuple[AuthRequirement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
-    """One compiled policy revision. `trust_domains` are those its workload patterns name."""
+    """One compiled policy revision. `trust_domains` are those its workload patterns name;
+    `authentication` the entries of the `authentication` section, in file order."""
 
     revision: str
     rules: tuple[CompiledRule, ...]
     trust_domains: frozenset[str]
     source: str = ""
     index: PolicyIndex | None = field(default=None, repr=False, compare=False)
+    authentication: tuple[AuthEntry, ...] = ()
 
     def rule(self, rule_id: str) -> CompiledRule | None:
         for r in self.rules:
             if r.id == rule_id:
                 return r
         return None
+
+    def authentication_for(self, method: str, path: str) -> AuthRequirement:
+        """The first `authentication` entry (file order) whose route matches the request, else
+        `DEFAULT_AUTH` (token optional, binding any). Indexed: one trie walk over the canonical
+        path; a path that does not start with "/" matches no entry."""
+        idx = self.index
+        root = idx.auth_root if idx is not None else None
+        if root is None or path[:1] != "/":
+            return DEFAULT_AUTH
+        best = -1
+        for ms in walk(root, path.split("/"), 1):
+            cand = ms.by_method.get(method, ms.any)
+            if cand:
+                m = min(cand)
+                if best < 0 or m < best:
+                    best = m
+        return DEFAULT_AUTH if best < 0 else idx.auth_requirements[best]  # type: ignore[union-attr]
+
+    def authentication_linear(self, method: str, path: str) -> AuthRequirement:
+        """Reference semantics of `authentication_for`: entry by entry, first match wins."""
+        for e in self.authentication:
+            if e.route.matches(method, path):
+                return e.requirement
+        return DEFAULT_AUTH
