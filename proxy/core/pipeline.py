@@ -30,6 +30,7 @@ Every 401 carries the challenge of the route: `DPoP ... algs="..."` where DPoP i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from proxy.core.dpop import DPoPConfig, NonceIssuer, check_binding, request_uri, verify_dpop_proof
 from proxy.core.model import (
     Binding,
@@ -100,10 +101,11 @@ class State:
     tokens: TokenSettings = TokenSettings()
     #: a stable code when the sidecar must fail closed (e.g. "svid_expired", "policy_stale")
     unavailable: str | None = None
+    #: memo of the workload-only obligations per peer certificate (pure function of this state)
+    obligations_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
+class RequestFacts(NamedTuple):
     """Plain data the listener extracted from one request: no transport objects."""
 
     method: str
@@ -136,8 +138,7 @@ def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
     revision = policy.revision
     if out.effect == "allow":
         return Decision("allow", out.code, out.rule_id, revision, state.mode, peer, target,
-                        would_be=verdict.shadow, obligations=_obligations(state, peer, claims),
-                        token=claims, binding=binding)
+                        verdict.shadow, _obligations(state, peer, claims), claims, binding)
     if state.mode == "shadow":
         return Decision("allow", "shadow_allowed", out.rule_id, revision, "shadow", peer, target,
                         would_be=verdict.shadow or out, obligations=_obligations(state, peer, claims),
@@ -252,19 +253,32 @@ def header_value(text: str) -> str:
 
 
 def _obligations(state: State, peer: PeerIdentity, claims: TokenClaims | None) -> Obligations:
+    if claims is None:
+        key = (peer.uri, peer.cert_sha256)
+        memo = state.obligations_memo
+        got = memo.get(key)
+        if got is None:
+            if len(memo) >= 4096:
+                memo.clear()
+            got = memo[key] = Obligations(headers=_workload_headers(state, peer))
+        return got
     hdrs = state.identity_headers
-    out = [(hdrs.spiffe_id, peer.uri)]
-    if hdrs.xfcc:
-        # Envoy's SANITIZE_SET format: By=<our SPIFFE ID>;Hash=<sha256 hex of the peer leaf>;URI=<peer>
-        out.append(("x-forwarded-client-cert",
-                    f"By={state.own_id};Hash={peer.cert_sha256.hex()};URI={peer.uri}"))
-    if claims is not None:
-        out.append((hdrs.issuer, header_value(claims.issuer)))
-        if claims.subject:
-            out.append((hdrs.subject, header_value(claims.subject)))
-        if claims.actors:
-            out.append((hdrs.actors, ",".join(header_value(a.sub) for a in claims.actors)))
-        if claims.client_id:
-            out.append((hdrs.client_id, header_value(claims.client_id)))
+    out = list(_workload_headers(state, peer))
+    out.append((hdrs.issuer, header_value(claims.issuer)))
+    if claims.subject:
+        out.append((hdrs.subject, header_value(claims.subject)))
+    if claims.actors:
+        out.append((hdrs.actors, ",".join(header_value(a.sub) for a in claims.actors)))
+    if claims.client_id:
+        out.append((hdrs.client_id, header_value(claims.client_id)))
     return Obligations(headers=tuple(out))
 
+
+def _workload_headers(state: State, peer: PeerIdentity) -> tuple[tuple[str, str], ...]:
+    hdrs = state.identity_headers
+    out: tuple[tuple[str, str], ...] = ((hdrs.spiffe_id, peer.uri),)
+    if hdrs.xfcc:
+        # Envoy's SANITIZE_SET format: By=<our SPIFFE ID>;Hash=<sha256 hex of the peer leaf>;URI=<peer>
+        out += (("x-forwarded-client-cert",
+                 f"By={state.own_id};Hash={peer.cert_sha256_hex};URI={peer.uri}"),)
+    return out

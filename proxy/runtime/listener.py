@@ -79,6 +79,7 @@ _LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final re
 _LINGER_S = 2.0
 _RST_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 _MAX_QUEUED = 32  # pipelined requests waiting their turn before reading pauses
+_NO_TOKENS: frozenset[bytes] = frozenset()
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -198,7 +199,7 @@ class Exchange:
         self.headers_done = False
         self.upgrade = False
         self.expect = False
-        self.conn_tokens: frozenset[bytes] = frozenset()
+        self.conn_tokens: frozenset[bytes] = _NO_TOKENS
         self.content_length = 0
         self.authorization: tuple[str, ...] = ()
         self.dpop: tuple[str, ...] = ()
@@ -240,7 +241,7 @@ class Exchange:
             self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
-                      body_mode: str) -> None:
+                      lnames: list[bytes], conn_values: list[bytes], body_mode: str) -> None:
         conn = self.conn
         if self.t_sent:
             self.up_us = int((time.perf_counter() - self.t_sent) * 1e6)
@@ -253,7 +254,7 @@ class Exchange:
             conn.close_after = True
         self.resp_mode = body_mode
         self.chunk_out = body_mode in ("chunked", "close") and self.version == "1.1"
-        conn.write(response_head(status, reason, headers, body_mode=body_mode,
+        conn.write(response_head(status, reason, headers, lnames, conn_values, body_mode=body_mode,
                                  chunk_to_client=self.chunk_out, close=close))
 
     def upstream_body(self, data: bytes) -> None:
@@ -345,8 +346,7 @@ class Exchange:
             "decision_id": self.decision_id,
             "request_id": self.request_id,
             "client_addr": self.conn.client_addr,
-            "workload": None if peer is None else {"spiffe_id": peer.uri,
-                                                    "cert_sha256": peer.cert_sha256.hex()},
+            "workload": None if peer is None else self.conn.workload_record(peer),
             "method": self.method,
             "path": target.path if target is not None else _raw_path(self.url),
             "decision": decision,
@@ -381,6 +381,8 @@ class ClientConnection(asyncio.Protocol):
         self.plane = plane
         self.batch = plane.upstream.batch
         self._out: list[bytes] | None = None  # writes held while a WriteBatch is open
+        self._wrec: dict | None = None
+        self._wrec_peer = None
         self.handshake_done = False
         self.transport: asyncio.Transport | None = None
         # created once the TLS handshake is done: until then nothing refers back to this
@@ -603,7 +605,8 @@ class ClientConnection(asyncio.Protocol):
         ex.lnames = lnames
         if not ex.request_id:
             ex.request_id = ex.decision_id
-        ex.conn_tokens = connection_tokens(conn_values)
+        if conn_values:
+            ex.conn_tokens = connection_tokens(conn_values)
         if ex.method == "CONNECT":
             raise MethodNotAllowed("connect_not_supported", "CONNECT is not proxied")
         if te:
@@ -826,6 +829,14 @@ class ClientConnection(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+
+    def workload_record(self, peer) -> dict:
+        """The audit record's `workload` member, built once per verified peer identity."""
+        rec = self._wrec
+        if rec is None or self._wrec_peer is not peer:
+            rec = self._wrec = {"spiffe_id": peer.uri, "cert_sha256": peer.cert_sha256_hex}
+            self._wrec_peer = peer
+        return rec
 
     def flush_out(self) -> None:
         out, self._out = self._out, None

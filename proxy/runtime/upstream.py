@@ -104,32 +104,36 @@ def drop_set(own_headers: tuple[str, ...]) -> frozenset[bytes]:
                      | {h.lower().encode("latin-1") for h in own_headers})
 
 
-def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]], *,
-                  body_mode: str, chunk_to_client: bool, close: bool) -> bytes:
-    """Serialise the response head sent to the client (HTTP/1.1).
+def response_head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                  lnames: list[bytes], conn_values: list[bytes], *, body_mode: str,
+                  chunk_to_client: bool, close: bool) -> bytes:
+    """Serialise the response head sent to the client (HTTP/1.1). `lnames` are the lowercased
+    header names (computed once by the connection), `conn_values` the Connection header values.
 
     body_mode: "none" (HEAD/1xx/204/304: headers passed as they are, minus hop-by-hop),
     "length" (keep content-length), "chunked" / "close" (re-framed: chunked for HTTP/1.1 clients,
     close-delimited otherwise).
     """
-    conn_tokens = connection_tokens([v for n, v in headers if n.lower() == b"connection"])
+    conn_tokens = connection_tokens(conn_values) if conn_values else _NO_TOKENS
     parts = [b"HTTP/1.1 %d " % status + reason + b"\r\n"]
-    for name, value in headers:
-        lname = name.lower()
+    # framing is ours: content-length is never removed because Connection named it, and never
+    # kept when the body is re-framed
+    keep_cl = body_mode == "length" or (body_mode == "none" and status != 204)
+    for (name, value), lname in zip(headers, lnames):
         if lname == b"content-length":
-            # framing is ours: never removed because Connection named it, never kept when re-framed
-            if body_mode == "length" or (body_mode == "none" and status != 204):
+            if keep_cl:
                 parts.append(name + b": " + value + b"\r\n")
-            continue
-        if lname in HOP_BY_HOP or lname in conn_tokens:
-            continue
-        parts.append(name + b": " + value + b"\r\n")
+        elif lname not in HOP_BY_HOP and lname not in conn_tokens:
+            parts.append(name + b": " + value + b"\r\n")
     if body_mode in ("chunked", "close") and chunk_to_client:
         parts.append(b"transfer-encoding: chunked\r\n")
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class WriteBatch:
@@ -163,7 +167,8 @@ class Exchange(Protocol):
     """What an upstream connection reports to (implemented by the listener's request object)."""
 
     def upstream_informational(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
-    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], body_mode: str) -> None: ...
+    def upstream_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      lnames: list[bytes], conn_values: list[bytes], body_mode: str) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_done(self) -> None: ...
     def upstream_failed(self, err: ProxyError) -> None: ...
@@ -429,8 +434,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         self.deadline = self.upstream.loop.time() + self.upstream.cfg.response_timeout_s
         te = cl = False
+        lnames = []
+        conn_values = []
         for name, value in self._headers:
             lname = name.lower()
+            lnames.append(lname)
             if lname == b"transfer-encoding":
                 if te or value.strip().lower() != b"chunked":
                     # llhttp would read such a body to EOF; its coding would reach the client unsaid
@@ -439,6 +447,8 @@ class UpstreamConnection(asyncio.Protocol):
                 te = True
             elif lname == b"content-length":
                 cl = True
+            elif lname == b"connection":
+                conn_values.append(value)
         if self.head_request or status in _NO_BODY_STATUS:
             mode = "none"
         elif te:
@@ -448,7 +458,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             mode = "close"
         self._body_mode = mode
-        ex.upstream_head(status, self._reason, self._headers, mode)
+        ex.upstream_head(status, self._reason, self._headers, lnames, conn_values, mode)
         if mode == "none" and self.head_request:
             # httptools would wait for a body after a HEAD response with content-length
             self._message_done(keep_alive=self.parser.should_keep_alive())

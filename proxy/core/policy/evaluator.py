@@ -67,17 +67,14 @@ def evaluate(policy: CompiledPolicy, ctx: RequestContext, *,
     if idx is None:
         return _DEFAULT_DENY
     wid = ctx.workload
-    wpath = wid.path
     anyw = idx.any_workload
-    if wpath and wpath[0] != "/":
-        w = _EMPTY  # not a SPIFFE ID path: no workload pattern matches it
-    else:
-        w = idx.exact_workloads.get(wid, _EMPTY)
-        trie = idx.workload_tries.get(wid.trust_domain)
-        if trie is not None:
-            found = walk(trie, wpath.split("/"), 1)
-            if found:
-                w = w.union(*found)
+    memo_w = idx.workload_memo
+    w = memo_w.get(wid)
+    if w is None:
+        w = _workload_rules(idx, wid)
+        if len(memo_w) >= _WORKLOAD_MEMO_MAX:
+            memo_w.clear()
+        memo_w[wid] = w
     if not w and not anyw:
         return _DEFAULT_DENY
     path = ctx.path
@@ -134,6 +131,21 @@ def evaluate(policy: CompiledPolicy, ctx: RequestContext, *,
 
 
 _KIND_NONE, _KIND_DENY, _KIND_ALLOW, _KIND_STEP = 0, 1, 2, 3
+_WORKLOAD_MEMO_MAX = 4096
+
+
+def _workload_rules(idx: Any, wid: Any) -> frozenset[int]:
+    """Indices of the rules whose `from.workloads` select this SPIFFE ID (exact and patterns)."""
+    wpath = wid.path
+    if wpath and wpath[0] != "/":
+        return _EMPTY  # not a SPIFFE ID path: no workload pattern matches it
+    w = idx.exact_workloads.get(wid, _EMPTY)
+    trie = idx.workload_tries.get(wid.trust_domain)
+    if trie is not None:
+        found = walk(trie, wpath.split("/"), 1)
+        if found:
+            w = w.union(*found)
+    return w
 
 
 def _pick(deny: int, allow: int, step: int) -> tuple[int, int]:

@@ -590,6 +590,9 @@ class PolicyIndex:
     verdicts_step: tuple[Any, ...] = ()
     auth_root: TrieNode | None = None
     auth_requirements: tuple[AuthRequirement, ...] = ()
+    #: memo: workload SpiffeId -> the rule indices its ID selects (a pure function of the index;
+    #: a caller's ID is the same on every request of its connection). Bounded, cleared when full.
+    workload_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
