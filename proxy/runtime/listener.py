@@ -80,6 +80,7 @@ _LINGER_S = 2.0
 _RST_LINGER = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a TCP RST
 _MAX_QUEUED = 32  # pipelined requests waiting their turn before reading pauses
 _NO_TOKENS: frozenset[bytes] = frozenset()
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
@@ -413,6 +414,15 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         plane = self.plane
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                # TLS 1.3 without session tickets: the server sends nothing after the handshake,
+                # so a client with Nagle on would wait ~40 ms for our delayed ACK before sending
+                # its request. Acknowledge at once (Linux only; the kernel resets it on its own).
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except (OSError, AttributeError):
+                pass
         self.peer = PeerCertificates(peer_chain_der(transport))
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
