@@ -3,7 +3,8 @@
 Order (DESIGN.md section 3):
   1. the sidecar can decide at all (`state.unavailable`: stale or missing inputs) -> 503
   2. the calling workload: X.509-SVID of the TLS peer, per trust domain  -> 403 PeerIdentityError
-     (behind a trusted L7 hop, a JWT-SVID in the configured header then names the workload)
+     (when the peer is a configured L7 hop, a JWT-SVID in the configured header then names the
+     workload; any other peer presenting one is refused)
   3. the request target, canonicalised once (`core.paths`)              -> 400 BadRequest
   4. the route's authentication requirement (policy `authentication`: token required / optional /
      forbidden, binding dpop / mtls / any / none)
@@ -47,12 +48,13 @@ from proxy.core.paths import canonicalize_target
 from proxy.core.policy import CompiledPolicy, evaluate
 from proxy.core.replay import ReplayStore
 from proxy.core.spiffe import PeerCertificates, TrustStore, verify_peer
-from proxy.core.tokens import Issuers, TokenCache, verify_access_token_cached
+from proxy.core.tokens import Issuers, TokenCache, verify_access_token_cached, verify_jwt_svid
 from proxy.errors import (
     BadRequest,
     Denied,
     DPoPError,
     InsufficientAuthentication,
+    PeerIdentityError,
     ServiceUnavailable,
     TokenError,
 )
@@ -83,6 +85,9 @@ class TokenSettings:
     replay: ReplayStore | None = None  # mutable collaborator (DPoP jti digests)
     nonces: NonceIssuer | None = None
     require_nonce: bool = False
+    #: JWT-SVIDs: accepted audiences, and the mTLS peers (L7 hops) allowed to present one
+    jwt_svid_audiences: frozenset[str] = frozenset()
+    jwt_svid_proxies: frozenset[str] = frozenset()
 
     @property
     def dpop_algs(self) -> str | None:
@@ -113,6 +118,7 @@ class RequestFacts(NamedTuple):
     peer: PeerCertificates
     authorization: tuple[str, ...] = ()  # every Authorization header value
     dpop: tuple[str, ...] = ()  # every DPoP header value
+    jwt_svid: tuple[str, ...] = ()  # every value of the configured JWT-SVID header
 
 
 def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
@@ -122,6 +128,8 @@ def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
         raise ServiceUnavailable(state.unavailable, "sidecar inputs are missing or stale")
 
     peer = verify_peer(facts.peer, state.trust, now)
+    if facts.jwt_svid:
+        peer = _jwt_svid_workload(facts, state, peer, now)
     target: Target = canonicalize_target(facts.raw_target)
     policy = state.policy
     requirement = policy.authentication_for(facts.method, target.path)
@@ -220,6 +228,25 @@ def _authenticate(facts: RequestFacts, state: State, requirement, peer: PeerIden
     except TokenError as err:
         raise _challenge(err, scheme_name, algs) from None
     return claims, binding
+
+
+def _jwt_svid_workload(facts: RequestFacts, state: State, hop: PeerIdentity,
+                       now: float) -> PeerIdentity:
+    """Behind a trusted L7 hop, the JWT-SVID names the calling workload (SPIFFE JWT-SVID spec;
+    keys from the bundle of the SVID's own trust domain). Only configured hops may vouch."""
+    tokens = state.tokens
+    if not tokens.jwt_svid_proxies or hop.uri not in tokens.jwt_svid_proxies:
+        raise PeerIdentityError("jwt_svid_untrusted_hop",
+                                "this peer is not allowed to present a JWT-SVID for someone else")
+    if len(facts.jwt_svid) != 1:
+        raise PeerIdentityError("jwt_svid_multiple", "more than one JWT-SVID header")
+    try:
+        sid = verify_jwt_svid(facts.jwt_svid[0], state.trust, tokens.jwt_svid_audiences, now)
+    except TokenError as err:
+        raise PeerIdentityError(err.code, err.detail) from None
+    # the workload is the JWT-SVID's subject; the certificate that carried it is the hop's
+    return PeerIdentity(sid, str(sid), hop.cert_sha256, hop.not_before, hop.not_after,
+                        hop.cert_sha256_hex)
 
 
 def _verify_uncached(token: str, tokens: TokenSettings, now: float) -> TokenClaims:

@@ -14,13 +14,18 @@ Rules (DESIGN rules 5 and 6):
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import yaml
 
-from proxy.config import Config
-from proxy.core.pipeline import IdentityHeaders, State
+from proxy.config import Config, IssuerConfig
+from proxy.core.dpop import DPoPConfig, NonceIssuer, normalize_origin
+from proxy.core.jose import JWKSet, parse_jwks
+from proxy.core.pipeline import IdentityHeaders, State, TokenSettings
+from proxy.core.replay import MemoryReplayStore
+from proxy.core.tokens import IssuerPolicy, TokenCache
 from proxy.core.policy import CompiledPolicy, compile_policy
 from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, parse_bundle
 from proxy.errors import ConfigError
@@ -39,6 +44,14 @@ def parse_policy_file(data: bytes, digest: str, *, source: str,
         raise ConfigError(f"not valid YAML: {exc}", source=source) from None
     return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
                           known_trust_domains=trust_domains)
+
+
+def issuer_policy(i: IssuerConfig, max_token_bytes: int) -> IssuerPolicy:
+    return IssuerPolicy(issuer=i.issuer, audiences=frozenset(i.audiences),
+                        algorithms=frozenset(i.algorithms), leeway_s=i.leeway_s,
+                        required_claims=frozenset(i.required_claims),
+                        require_at_jwt_typ=i.require_at_jwt_typ, max_token_bytes=max_token_bytes,
+                        max_delegation_depth=i.max_delegation_depth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +85,46 @@ class Inputs:
             max_staleness_s=cfg.policy.max_staleness_s)
         self.trust_version = 0
         self.state: State | None = None
+        # tokens: constant objects (the token cache keys on their identity), keys refreshed
+        tok = cfg.tokens
+        self.issuer_policies: dict[str, IssuerPolicy] = {i.issuer: issuer_policy(i, tok.max_token_bytes)
+                                                         for i in tok.issuers}
+        self.jwks_files: dict[str, Refreshable[JWKSet]] = {}
+        for i in tok.issuers:
+            if i.jwks_file is not None:
+                self.jwks_files[i.issuer] = Refreshable(
+                    "jwks", f"JWKS of {i.issuer} ({i.jwks_file})", [FileSource(i.jwks_file)],
+                    lambda data, _d: parse_jwks(data[0]), max_staleness_s=tok.jwks_max_staleness_s)
+        self.remote_jwks: dict = {}  # issuer -> runtime.jwks.RemoteJwks, set up by the worker
+        d = tok.dpop
+        self.dpop = DPoPConfig(algorithms=frozenset(d.algorithms), iat_window_s=d.iat_window_s,
+                               iat_future_s=d.iat_future_s, max_proof_bytes=d.max_proof_bytes,
+                               require_nonce=d.require_nonce) if tok.issuers else None
+        self.public_origin = normalize_origin(d.public_origin) if d.public_origin else None
+        self.token_cache = TokenCache(tok.cache_max_entries) if tok.cache_max_entries else None
+        self.replay = MemoryReplayStore(d.replay_max_entries)
+        self.nonces = NonceIssuer(os.urandom(32), d.nonce_rotate_s)
 
     def all(self) -> list[Refreshable]:
-        return [self.svid, *self.bundles.values(), self.policy]
+        return [self.svid, *self.bundles.values(), self.policy, *self.jwks_files.values()]
+
+    def jwks(self, issuer: str, now: float) -> JWKSet | None:
+        """The issuer's keys as currently usable: None when never loaded or stale (the pipeline
+        then answers 503 for that issuer's tokens instead of trusting keys it cannot refresh)."""
+        src = self.jwks_files.get(issuer) or self.remote_jwks.get(issuer)
+        if src is None or src.stale(now):
+            return None
+        return src.value
+
+    def token_settings(self, now: float) -> TokenSettings:
+        return TokenSettings(
+            issuers={iss: (pol, self.jwks(iss, now)) for iss, pol in self.issuer_policies.items()},
+            dpop=self.dpop, public_origin=self.public_origin, cache=self.token_cache,
+            replay=self.replay, nonces=self.nonces,
+            require_nonce=self.cfg.tokens.dpop.require_nonce,
+            jwt_svid_audiences=frozenset(self.cfg.tokens.jwt_svid.audiences),
+            jwt_svid_proxies=frozenset(self.cfg.tokens.jwt_svid.trusted_proxies)
+            if self.cfg.tokens.jwt_svid.enabled else frozenset())
 
     def poll(self, now: float, force: bool = False) -> tuple[bool, bool]:
         """Refresh every input. Returns (anything changed, TLS material changed). Thread-safe with
@@ -92,6 +142,8 @@ class Inputs:
     def load_errors(self) -> list[str]:
         return [f"{r.name}: {r.last_error}" for r in self.all() if r.value is None]
 
+    _FATAL = ("svid", "trust_bundle", "policy")
+
     def trust_store(self) -> TrustStore:
         self.trust_version += 1
         return TrustStore.of((b.value for b in self.bundles.values()), version=self.trust_version)
@@ -106,11 +158,23 @@ class Inputs:
                 reasons.append(f"{r.source}_not_loaded")
             elif r.stale(now):
                 reasons.append(f"{r.source}_stale")
+        for iss, remote in self.remote_jwks.items():
+            if remote.value is None:
+                reasons.append("jwks_not_loaded")
+            elif remote.stale(now):
+                reasons.append("jwks_stale")
         return Readiness(not reasons, tuple(dict.fromkeys(reasons)))
+
+    def fatal_reason(self, now: float) -> str | None:
+        """The first reason every request must fail closed (503): own SVID expired or an SVID,
+        trust bundle or policy missing/stale. Issuer keys only fail their own tokens."""
+        for reason in self.readiness(now).reasons:
+            if reason == "svid_expired" or reason.split("_")[0] in ("svid", "trust", "policy"):
+                return reason
+        return None
 
     def build_state(self, now: float, trust: TrustStore) -> State:
         svid = self.svid.value
-        readiness = self.readiness(now)
         hdrs = self.cfg.headers
         return State(
             trust=trust,
@@ -120,7 +184,8 @@ class Inputs:
             identity_headers=IdentityHeaders(spiffe_id=hdrs.spiffe_id, xfcc=hdrs.xfcc,
                                              subject=hdrs.subject, issuer=hdrs.issuer,
                                              actors=hdrs.actor_chain, client_id=hdrs.client_id),
-            unavailable=None if readiness.ready else readiness.reasons[0],
+            tokens=self.token_settings(now),
+            unavailable=self.fatal_reason(now),
         )
 
     def update_gauges(self, now: float) -> None:

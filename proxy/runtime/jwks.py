@@ -7,8 +7,9 @@ Rules (DESIGN rule 6; RFC 7517; RFC 9110 sections 8.8.3 and 13.1.2 for ETag / If
 - HTTPS only (an `http://` JWKS URL is refused at load), with the configured CA file or the system
   trust store, a timeout and a size cap. Redirects are not followed.
 - An unknown `kid` in a token asks for ONE refresh: requests that arrive while it runs wait for the
-  same fetch (single flight); a refresh that completed less than `min_refresh_interval_s` ago is not
-  repeated (rate limit), so a flood of tokens with random kids costs at most one fetch per interval.
+  same fetch (single flight); unknown-kid refreshes happen at most once per
+  `min_refresh_interval_s` (rate limit), so a flood of tokens with random kids costs at most one
+  fetch per interval.
   Nothing ever blocks the event loop: callers `await` the in-flight future.
 - The parsed key set object is replaced only when the content changed, so verified-token cache
   entries (keyed on the key set object) survive refreshes that brought nothing new.
@@ -53,6 +54,7 @@ class RemoteJwks:
         self.etag: str | None = None
         self.last_success = 0.0
         self.last_attempt = 0.0
+        self.last_kid_refresh: float | None = None  # rate limit of unknown-kid refreshes
         self.last_error: str | None = None
         self.failures = 0
         self._inflight: asyncio.Future | None = None
@@ -100,8 +102,10 @@ class RemoteJwks:
         happened too recently (the caller then fails the token without waiting)."""
         if self._inflight is not None and not self._inflight.done():
             return self._inflight
-        if time.monotonic() - self.last_attempt < self.min_refresh_interval_s:
+        now = time.monotonic()
+        if self.last_kid_refresh is not None and now - self.last_kid_refresh < self.min_refresh_interval_s:
             return None
+        self.last_kid_refresh = now
         return self.refresh("unknown_kid")
 
     async def _fetch(self, reason: str) -> bool:

@@ -30,6 +30,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -127,8 +128,14 @@ class DataPlane:
                h.client_id, "x-forwarded-client-cert")
         if cfg.tokens.issuers and not cfg.tokens.forward_token:
             own += ("authorization", "dpop")
+        self.jwt_svid_header = cfg.tokens.jwt_svid.header.encode() \
+            if cfg.tokens.jwt_svid.enabled else None
+        if self.jwt_svid_header is not None:
+            own += (cfg.tokens.jwt_svid.header,)
         self.drop_headers = drop_set(own)
         self._waiting_for_sink: list[ClientConnection] = []
+        #: issuer -> future of a key refresh, or None (set by the worker; see Worker.refresh_issuer_keys)
+        self.refresh_issuer_keys: Callable[[str | None], "asyncio.Future | None"] = lambda _i: None
 
     def factory(self) -> "ClientConnection":
         return ClientConnection(self)
@@ -167,7 +174,7 @@ class Exchange:
         "upstream_status", "resp_mode", "chunk_out", "t0", "t_sent", "up_us", "request_id",
         "decision_id", "discard", "finished", "started", "headers_done", "upgrade", "expect",
         "conn_tokens", "outcome", "retried", "head_request", "content_length",
-        "authorization", "dpop", "lnames",
+        "authorization", "dpop", "lnames", "retried_kid", "jwt_svid",
     )
 
     def __init__(self, conn: "ClientConnection") -> None:
@@ -205,6 +212,8 @@ class Exchange:
         self.authorization: tuple[str, ...] = ()
         self.dpop: tuple[str, ...] = ()
         self.lnames: list[bytes] = []
+        self.retried_kid = False
+        self.jwt_svid: tuple[str, ...] = ()
         self.outcome = "complete"
         self.retried = False
         self.head_request = False
@@ -363,9 +372,42 @@ class Exchange:
             "duration_us": int(duration * 1e6),
             "outcome": self.outcome,
         }
+        if d is not None and peer is not None:
+            hop = self.conn.peer.identity
+            if hop is not None and hop is not peer and hop.uri != peer.uri:
+                rec["via"] = hop.uri  # a JWT-SVID named the workload; this L7 hop carried it
+        if self.authorization or self.dpop:
+            self._token_fields(rec, d)
+            if d is not None and d.token is not None:
+                m.token_results.inc(("ok",))
+            elif err is not None and err.status == 401 or code.startswith(("token_", "dpop_")):
+                m.token_results.inc((code,))
+                if code == "dpop_replayed":
+                    m.dpop_replays.inc()
         if err is not None and err.detail:
             rec["detail"] = err.detail
         return rec
+
+    def _token_fields(self, rec: dict, d: "Decision | None") -> None:
+        """Who the token says is acting, and fingerprints (never the token or the proof)."""
+        tok = d.token if d is not None else None
+        binding = d.binding if d is not None else None
+        if tok is not None:
+            rec["subject"] = {"iss": tok.issuer, "sub": tok.subject}
+            rec["actors"] = [a.sub for a in tok.actors]
+            rec["client_id"] = tok.client_id
+            rec["scopes"] = sorted(tok.scopes)
+            rec["acr"] = tok.acr
+            rec["token_fingerprint"] = tok.fingerprint
+        elif self.authorization:
+            raw = self.authorization[0].partition(" ")[2].strip(" ")
+            rec["token_fingerprint"] = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
+        rec["binding"] = binding.kind if binding is not None else None
+        if binding is not None and binding.proof_fingerprint:
+            rec["proof_fingerprint"] = binding.proof_fingerprint
+        elif self.dpop:
+            rec["proof_fingerprint"] = hashlib.sha256(
+                self.dpop[0].encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _raw_path(url: bytes) -> str:
@@ -591,6 +633,7 @@ class ClientConnection(asyncio.Protocol):
         conn_values: list[bytes] = []
         has_cl = False
         rid_header = self.plane.request_id_header
+        jwt_header = self.plane.jwt_svid_header
         lnames = []
         for name, value in ex.headers:
             n = name.lower()
@@ -610,6 +653,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.authorization += (value.decode("latin-1"),)
             elif n == b"dpop":
                 ex.dpop += (value.decode("latin-1"),)
+            elif n == jwt_header:
+                ex.jwt_svid += (value.decode("latin-1"),)
             elif n == rid_header and not ex.request_id and _REQUEST_ID_RE.fullmatch(value):
                 ex.request_id = value.decode("ascii")
         ex.lnames = lnames
@@ -670,12 +715,20 @@ class ClientConnection(asyncio.Protocol):
             plane.wait_for_sink(self)
             return
         facts = RequestFacts(ex.method, ex.url.decode("latin-1"), self.peer, ex.authorization,
-                             ex.dpop)
+                             ex.dpop, ex.jwt_svid)
         t = time.perf_counter()
         try:
             decision = authorize(facts, plane.get_state(), time.time())
         except ProxyError as err:
             plane.metrics.decision_duration.observe(time.perf_counter() - t)
+            if err.code == "token_unknown_kid" and not ex.retried_kid:
+                # the issuer may have rotated its keys: one shared, rate-limited refresh, then
+                # decide again; the event loop keeps serving meanwhile
+                fut = plane.refresh_issuer_keys(getattr(err, "issuer", None))
+                if fut is not None:
+                    ex.retried_kid = True
+                    fut.add_done_callback(lambda _f, ex=ex: self._retry(ex))
+                    return
             self.respond_error(ex, err)
             return
         except Exception as exc:  # a bug must fail closed, never let the request through
@@ -692,6 +745,10 @@ class ClientConnection(asyncio.Protocol):
             self.connect_upstream(ex)
         else:
             self._forward(ex, up)
+
+    def _retry(self, ex: Exchange) -> None:
+        if not ex.finished and not self.closed and self.active is ex:
+            self._start(ex)
 
     def resume_after_sink(self) -> None:
         self.resume("audit")

@@ -120,6 +120,12 @@ class Metrics:
                                   ("decision",))
         self.decision_duration = h("portcullis_decision_duration_seconds",
                                    "Time spent in the decision core per request.")
+        # tokens (issue: prove the human and the agent)
+        self.token_results = c("portcullis_token_verifications_total",
+                               "Requests that presented an access token, by result: ok, or the stable "
+                               "code of the token/DPoP/binding check that refused it.", ("result",))
+        self.dpop_replays = c("portcullis_dpop_replays_total",
+                              "DPoP proofs refused because their jti was already used.")
         # connections and TLS
         self.connections_active = g("portcullis_connections_active", "Open client connections.")
         self.connections = c("portcullis_connections_total", "Client connections accepted (TLS done).")

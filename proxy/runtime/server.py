@@ -130,6 +130,8 @@ class Worker:
                                upstream=upstream, sweeper=sweeper, get_state=self.get_state,
                                worker=str(self.index))
         self._wire_gauges(upstream)
+        self.plane.refresh_issuer_keys = self.refresh_issuer_keys
+        await self._start_remote_jwks()
         self._server = await loop.create_server(
             self.plane.factory, cfg.listener.address, cfg.listener.port, ssl=self.tls.dispatch,
             ssl_handshake_timeout=cfg.listener.handshake_timeout_s, backlog=cfg.listener.backlog,
@@ -158,6 +160,31 @@ class Worker:
         await self._shutdown(upstream, sweeper)
         if admin_runner is not None:
             await admin_runner.cleanup()
+
+    async def _start_remote_jwks(self) -> None:
+        from proxy.runtime.jwks import RemoteJwks
+
+        tok = self.cfg.tokens
+        for i in tok.issuers:
+            if i.jwks_url is None:
+                continue
+            remote = RemoteJwks(
+                i.issuer, i.jwks_url, refresh_interval_s=tok.jwks_refresh_interval_s,
+                min_refresh_interval_s=tok.jwks_min_refresh_interval_s,
+                max_staleness_s=tok.jwks_max_staleness_s, timeout_s=tok.jwks_timeout_s,
+                max_bytes=tok.jwks_max_bytes, ca_file=i.jwks_ca_file,
+                on_change=lambda: self.apply(time.time(), True, False),
+                count=lambda result: self.metrics.refreshes.inc(("jwks", result)))
+            self.inputs.remote_jwks[i.issuer] = remote
+            await remote.start()
+        if self.inputs.remote_jwks:
+            self.apply(time.time(), True, False)
+
+    def refresh_issuer_keys(self, issuer: str | None):
+        """Unknown kid: one single-flight, rate-limited refresh of that issuer's remote keys; the
+        future resolves when it is done (None: nothing to refresh or refreshed too recently)."""
+        remote = self.inputs.remote_jwks.get(issuer) if issuer else None
+        return remote.refresh_for_unknown_kid() if remote is not None else None
 
     def stop(self) -> None:
         if not self._stop.is_set():
@@ -205,6 +232,8 @@ class Worker:
             await asyncio.sleep(0)
         upstream.close()
         sweeper.stop()
+        for remote in self.inputs.remote_jwks.values():
+            await remote.close()
         await self.sink.close()
         log.info("worker %d: stopped (audit records %d, checkpoints %d)", self.index,
                  self.sink.records_emitted, self.sink.checkpoints)
