@@ -509,7 +509,7 @@ def start_haproxy(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, th
 
 
 def portcullis_config(pki: Pki, upstream_port: int, port: int, admin_port: int,
-                      path: Path) -> Path:
+                      path: Path, dpop_jwks: Path | None = None) -> Path:
     import yaml
 
     policy = {
@@ -527,6 +527,15 @@ def portcullis_config(pki: Pki, upstream_port: int, port: int, admin_port: int,
              "to": [{"paths": ["/admin/**"]}]},
         ],
     }
+    if dpop_jwks is not None:
+        # the full pipeline: a DPoP-bound token (cached after the first request) and a fresh,
+        # verified proof on every request, then the policy decides on subject AND workload
+        from dpop_load import ISSUER, SUBJECT
+        policy["authentication"] = [{"paths": ["/**"], "token": "required", "binding": "dpop"}]
+        policy["rules"][0] = {"id": "alice-via-loadgen", "effect": "allow",
+                              "from": {"workloads": [CLIENT_ID],
+                                       "subjects": [{"issuer": ISSUER, "sub": SUBJECT}]},
+                              "to": [{"methods": ["GET", "HEAD"], "paths": ["/**"]}]}
     (path.parent / "policy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
     cfg = {
         "listener": {"address": HOST, "port": port},
@@ -544,16 +553,27 @@ def portcullis_config(pki: Pki, upstream_port: int, port: int, admin_port: int,
         "admin": {"address": HOST, "port": admin_port},
         "server": {"log_level": "warning"},
     }
+    if dpop_jwks is not None:
+        from dpop_load import AUDIENCE, ISSUER
+        cfg["tokens"] = {"issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE],
+                                      "algorithms": ["ES256"], "jwks_file": str(dpop_jwks)}],
+                         "dpop": {"public_origin": f"https://{HOST}:{port}",
+                                  "algorithms": ["ES256"]}}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, workers: int = 1,
-                     name: str = "portcullis") -> Target:
+                     name: str = "portcullis", dpop: bool = False) -> Target:
     d = h.dir / name
     d.mkdir(parents=True, exist_ok=True)
     port, admin = free_port(), free_port()
-    cfg = portcullis_config(pki, upstream_port, port, admin, d / "sidecar.yaml")
+    creds = None
+    if dpop:
+        from dpop_load import Credentials
+        creds = Credentials(d)
+    cfg = portcullis_config(pki, upstream_port, port, admin, d / "sidecar.yaml",
+                            dpop_jwks=creds.jwks_path if creds else None)
     audit = d / "audit.jsonl"
     err = d / "stderr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTCULLIS_")}
@@ -567,6 +587,10 @@ def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None,
 
     wait_until(ready, 30, f"{name} /readyz", proc, err)
     tls = client_ssl_context(pki)
+    if creds is not None:
+        return Target(name, "portcullis-dpop", port, True, proc, cpus, audit, err, admin_port=admin,
+                      note=f"--workers {workers}, DPoP-bound token + fresh ES256 proof per request",
+                      extra={"credentials": creds, "htu": f"https://{HOST}:{port}/"})
     wait_until(lambda: probe(port, tls) == 200, 15, name, proc, err)
     return Target(name, "portcullis", port, True, proc, cpus, audit, err, admin_port=admin,
                   note=f"--workers {workers}")
@@ -649,8 +673,17 @@ def run_wrk(h: Harness, t: Target, *, shim: Path, pki: Pki, duration_s: float, c
         env.update(LD_PRELOAD=str(shim), WRK_CLIENT_CERT=pki.client_cert,
                    WRK_CLIENT_KEY=pki.client_key)
     secs = max(1, round(duration_s))  # wrk takes whole seconds only
+    script = BENCH / "wrk_report.lua"
+    if t.kind == "portcullis-dpop":
+        # a fresh proof per request, minted before the run (never during it)
+        creds = t.extra["credentials"]
+        n = int(max(2000, t.extra.get("last_rps", 4000) * secs * 1.5))
+        proofs = creds.proofs(t.extra["htu"], n, h.dir / "proofs.txt")
+        env.update(WRK_DPOP_PROOFS=str(proofs), WRK_DPOP_TOKEN=creds.token,
+                   WRK_REPORT_LUA=str(BENCH / "wrk_report.lua"))
+        script = BENCH / "wrk_dpop.lua"
     argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{secs}s",
-            "--timeout", f"{timeout_s:g}s", "-s", str(BENCH / "wrk_report.lua"), t.url]
+            "--timeout", f"{timeout_s:g}s", "-s", str(script), t.url]
     errf = h.dir / "wrk.stderr"
     with open(errf, "wb") as err:
         proc = h.start("wrk", argv, cpus=cpus, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -664,6 +697,8 @@ def run_wrk(h: Harness, t: Target, *, shim: Path, pki: Pki, duration_s: float, c
         if line.startswith("WRKJSON "):
             r = json.loads(line[8:])
             r["wrk_cpu_s"] = cpu
+            if t.kind == "portcullis-dpop" and r["duration_us"]:
+                t.extra["last_rps"] = r["requests"] / (r["duration_us"] / 1e6)
             return r
     raise RuntimeError(f"wrk against {t.name} failed (exit {proc.popen.returncode}):\n{out}\n"
                        f"{errf.read_text(errors='replace')[-2000:]}")
@@ -697,7 +732,7 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
 # ------------------------------------------------------------------------------------------------
 # target sets
 
-BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "portcullis")
+BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "portcullis", "portcullis-dpop")
 TWO_CORE_TARGETS = ("nginx-w2", "haproxy-t2", "portcullis-w2")
 ALL_TARGETS = BASE_TARGETS + TWO_CORE_TARGETS
 
@@ -736,6 +771,8 @@ def start_targets(h: Harness, pki: Pki, names: list[str], *, access_log: bool = 
             t = start_pyfloor(h, pki, up.port, proxy_cpu)
         elif n == "portcullis":
             t = start_portcullis(h, pki, up.port, proxy_cpu, 1)
+        elif n == "portcullis-dpop":
+            t = start_portcullis(h, pki, up.port, proxy_cpu, 1, name=n, dpop=True)
         elif n == "portcullis-w2":
             t = start_portcullis(h, pki, up.port, all_cpu, 2, name=n)
         else:  # pragma: no cover - parse_targets checked
