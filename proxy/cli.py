@@ -5,6 +5,7 @@ Subcommands:
   config check FILE                   validate config + policy + key material; every problem with
                                       its key path on stderr, exit 2 when there is one
   audit verify FILE [--public-key K]  verify the hash chain and signed checkpoints of an audit log
+  bundle build | verify | inspect     signed policy bundles (see proxy/core/bundle.py)
   dev ca | svid | keypair             mint throw-away dev CAs, X.509-SVIDs and audit keys
   demo                                run the local mesh demo (what `make demo` does)
 Exit codes: 0 ok, 1 verification failed, 2 bad input/configuration.
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("file", help="audit log (JSON lines), or - for stdin")
     av.add_argument("--public-key", help="Ed25519 public key (PEM) that signs checkpoints")
     av.set_defaults(func=cmd_audit_verify)
+
+    b = sub.add_parser("bundle", help="signed policy bundles: build, verify, inspect")
+    bsub = b.add_subparsers(dest="bundle_command", metavar="SUBCOMMAND")
+    from proxy.bundles.cli import register as register_bundle
+
+    register_bundle(bsub)
 
     d = sub.add_parser("dev", help="dev CA, SVIDs and keys for tests and demos (never production)")
     dsub = d.add_subparsers(dest="dev_command", metavar="SUBCOMMAND")

@@ -66,6 +66,17 @@ class ConfigError(PortcullisError):
         return "\n".join(prefix + str(p) for p in self.problems)
 
 
+class BundleError(PortcullisError):
+    """A policy bundle that cannot be read, trusted or installed (`proxy.core.bundle`,
+    `proxy.bundles`). `code` is stable (`bundle_unsigned`, `bundle_rollback`...; the full list is in
+    `proxy.core.bundle.CODES`); `detail` is for the operator log and the CLI."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(f"{code}: {detail}" if detail else code)
+
+
 # --------------------------------------------------------------------------------------------
 # Request time
 # --------------------------------------------------------------------------------------------
@@ -123,6 +134,14 @@ class RequestTimeout(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     default_code = "payload_too_large"
+    decision = "deny"
+
+
+class URITooLong(ProxyError):
+    """RFC 9112 section 3: a request-target longer than the server wishes to parse (414)."""
+
+    status = 414
+    default_code = "uri_too_long"
     decision = "deny"
 
 
