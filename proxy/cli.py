@@ -7,6 +7,7 @@ Subcommands:
   audit verify FILE [--public-key K]  verify the hash chain and signed checkpoints of an audit log
   bundle build | verify | inspect     signed policy bundles (see proxy/core/bundle.py)
   dev ca | svid | keypair             mint throw-away dev CAs, X.509-SVIDs and audit keys
+  dev issuer | token | dpop-key | dpop  a dev authorization server: JWKS, access tokens, DPoP proofs
   demo                                run the local mesh demo (what `make demo` does)
 Exit codes: 0 ok, 1 verification failed, 2 bad input/configuration.
 """

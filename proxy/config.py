@@ -66,6 +66,8 @@ class ListenerConfig:
     max_connections: int = field(default=10000, metadata=meta(min=1, doc="open client connections per worker"))
     max_header_bytes: int = field(default=32768, metadata=meta(min=1024, doc="request line + headers size"))
     max_headers: int = field(default=100, metadata=meta(min=8, max=10000, doc="header count limit"))
+    max_request_line_bytes: int = field(default=8192, metadata=meta(min=256, doc="request line size (414 above)"))
+    max_body_bytes: int = field(default=64 << 20, metadata=meta(min=0, doc="request body size (413 above; 0 = unlimited)"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +114,47 @@ class HeadersConfig:
     client_id: str = field(default="x-portcullis-client-id", metadata=meta(pattern=r"[a-z0-9-]+", doc="header carrying the token client_id"))
 
 
+def _https_url_or_none(v: str) -> str | None:
+    return None if v.startswith("https://") and len(v) > 8 else "must be an https:// URL"
+
+
+@dataclass(frozen=True, slots=True)
+class BundleConfig:
+    url: str | None = field(default=None, metadata=meta(check=_https_url_or_none, doc="control plane bundle URL (OPA bundle protocol, mTLS)"))
+    path: str | None = field(default=None, metadata=meta(doc="or a local bundle: a directory or .tar.gz (watched)"))
+    public_keys: tuple[str, ...] = field(default=(), metadata=meta(doc="PEM public keys that may sign bundles"))
+    require_signature: bool = field(default=True, metadata=meta(doc="refuse unsigned bundles"))
+    cache_dir: str | None = field(default=None, metadata=meta(doc="last good bundle kept here, used at start"))
+    min_delay_s: float = field(default=10.0, metadata=meta(min=0.05, doc="poll delay, lower bound (jittered)"))
+    max_delay_s: float = field(default=20.0, metadata=meta(min=0.05, doc="poll delay, upper bound"))
+    long_poll_s: int = field(default=30, metadata=meta(min=0, max=300, doc="long-poll wait (0 = plain polling)"))
+    timeout_s: float = field(default=10.0, metadata=meta(min=0.1, doc="request timeout (plus the long-poll wait)"))
+    max_bytes: int = field(default=32 << 20, metadata=meta(min=1024, doc="largest bundle accepted"))
+    expiry_grace_s: float = field(default=0.0, metadata=meta(min=0, doc="keep an expired bundle this long, then fail closed"))
+    server_id: str | None = field(default=None, metadata=meta(doc="expected SPIFFE ID of the control plane"))
+    report_status: bool = field(default=True, metadata=meta(doc="POST status to the control plane"))
+
+    def __post_init__(self) -> None:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("policy.bundle: exactly one of url and path is required")
+        if self.require_signature and not self.public_keys:
+            raise ValueError("policy.bundle: require_signature needs public_keys "
+                             "(set require_signature: false only for development)")
+        if self.max_delay_s < self.min_delay_s:
+            raise ValueError("policy.bundle: max_delay_s must be >= min_delay_s")
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    file: str = field(metadata=meta(nonempty=True, doc="policy YAML file"))
+    file: str | None = field(default=None, metadata=meta(doc="policy YAML file (or use bundle)"))
+    bundle: BundleConfig | None = field(default=None, metadata=meta(doc="signed policy bundle"))
     mode: Literal["enforce", "shadow"] = field(default="enforce", metadata=meta(doc="shadow: decide and record, let pass"))
     watch_interval_s: float = field(default=2.0, metadata=meta(min=0.05, doc="file poll interval"))
     max_staleness_s: float = field(default=0.0, metadata=meta(min=0, doc="fail closed after refreshes fail this long (0 = never)"))
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.bundle is None):
+            raise ValueError("policy: exactly one of file and bundle is required")
 
 
 _JWS_ALGS = ("ES256", "ES384", "ES512", "EdDSA", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -293,9 +330,13 @@ def _resolve(cfg: Config, base: Path) -> Config:
                                 trust_domains=tds)
     issuers = tuple(dataclasses.replace(i, jwks_file=r(i.jwks_file), jwks_ca_file=r(i.jwks_ca_file))
                     for i in cfg.tokens.issuers)
+    bundle = cfg.policy.bundle
+    if bundle is not None:
+        bundle = dataclasses.replace(bundle, path=r(bundle.path), cache_dir=r(bundle.cache_dir),
+                                     public_keys=tuple(r(k) for k in bundle.public_keys))
     return dataclasses.replace(
         cfg, identity=ident, tokens=dataclasses.replace(cfg.tokens, issuers=issuers),
-        policy=dataclasses.replace(cfg.policy, file=r(cfg.policy.file)),
+        policy=dataclasses.replace(cfg.policy, file=r(cfg.policy.file), bundle=bundle),
         audit=dataclasses.replace(cfg.audit, signing_key_file=r(cfg.audit.signing_key_file)),
     )
 

@@ -61,9 +61,14 @@ def b64url_decode(part: str | bytes) -> bytes:
     if not _B64_ALPHABET.issuperset(raw) or len(raw) % 4 == 1:
         raise InvalidValue("not base64url")
     try:
-        return base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
+        out = base64.urlsafe_b64decode(raw + b"=" * (-len(raw) % 4))
     except (binascii.Error, ValueError):
         raise InvalidValue("not base64url") from None
+    if len(raw) % 4 and base64.urlsafe_b64encode(out).rstrip(b"=") != raw:
+        # unused low bits set in the last character: another spelling of the same bytes, which
+        # would give one token or proof two fingerprints (RFC 4648 section 3.5: canonical only)
+        raise InvalidValue("not canonical base64url")
+    return out
 
 
 def b64url_encode(data: bytes) -> str:

@@ -115,8 +115,9 @@ class Target(NamedTuple):
 
 
 class RequestContext(NamedTuple):
-    """What a policy rule may look at: the calling workload, the request, and (when a token was
-    presented and verified) the human subject, the actor chain and the binding."""
+    """What a policy rule may look at: the calling workload, the request, (when a token was
+    presented and verified) the human subject, the actor chain and the binding, and (when the
+    route is a policy action) the action's name and typed parameters."""
 
     workload: SpiffeId
     workload_uri: str
@@ -125,6 +126,10 @@ class RequestContext(NamedTuple):
     query: str = ""  # raw query string (no "?"); parameters are parsed by the policy when needed
     token: TokenClaims | None = None
     binding: Binding | None = None
+    #: the policy action this request is (`CompiledPolicy.action_for`), and its parameters as
+    #: `core.policy.actions.extract_params` read them; None / empty for requests of no action
+    action: str | None = None
+    params: Mapping[str, Any] = EMPTY_MAP
 
 
 Effect3 = Literal["allow", "deny", "step_up"]

@@ -11,6 +11,7 @@ Order (DESIGN.md section 3):
   5. the access token (`core.tokens`, cached by digest)                  -> 401 TokenError
   6. the DPoP proof (`core.dpop`, RFC 9449 4.3 order), then the binding of the token to this
      presenter (DPoP key or mTLS certificate, RFC 8705)                 -> 401 DPoPError/TokenError
+  6b. revocations from the policy bundle (workload, actors, subject, client, jti) -> 403 / 401
   7. the policy decision (deny overrides allow; nothing matched = deny; an allow rule that only
      lacks a strong or fresh enough authentication = step-up)           -> Decision / 401 RFC 9470
   8. mode: enforce -> as decided; shadow (global) -> a denial or step-up is let through and
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from proxy.core.bundle import Revocations
 from proxy.core.dpop import DPoPConfig, NonceIssuer, check_binding, request_uri, verify_dpop_proof
 from proxy.core.model import (
     Binding,
@@ -106,6 +108,8 @@ class State:
     tokens: TokenSettings = TokenSettings()
     #: a stable code when the sidecar must fail closed (e.g. "svid_expired", "policy_stale")
     unavailable: str | None = None
+    #: revoked SPIFFE IDs, subjects, clients and token ids from the active policy bundle
+    revocations: Revocations | None = None
     #: memo of the workload-only obligations per peer certificate (pure function of this state)
     obligations_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -138,6 +142,9 @@ def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
         claims, binding = _authenticate(facts, state, requirement, peer, target, now)
     else:
         claims, binding = None, _NO_TOKEN
+
+    if state.revocations:
+        _check_revocations(state.revocations, peer, claims)
 
     ctx = RequestContext(peer.spiffe_id, peer.uri, facts.method, target.path, target.query,
                          claims, binding)
@@ -228,6 +235,22 @@ def _authenticate(facts: RequestFacts, state: State, requirement, peer: PeerIden
     except TokenError as err:
         raise _challenge(err, scheme_name, algs) from None
     return claims, binding
+
+
+def _check_revocations(rev: Revocations, peer: PeerIdentity, claims: TokenClaims | None) -> None:
+    """Revocations published in the policy bundle win over every rule (and over shadow mode)."""
+    if peer.uri in rev.spiffe_ids:
+        raise Denied("revoked_workload", "the calling workload's SPIFFE ID is revoked")
+    if claims is None:
+        return
+    if any(a.sub in rev.spiffe_ids for a in claims.actors):
+        raise Denied("revoked_actor", "an actor of the token's act chain is revoked")
+    if (claims.issuer, claims.subject) in rev.subjects:
+        raise Denied("revoked_subject", "the token's subject is revoked")
+    if claims.client_id is not None and claims.client_id in rev.clients:
+        raise TokenError("token_revoked", "the token's client is revoked")
+    if claims.jti is not None and claims.jti in rev.jtis:
+        raise TokenError("token_revoked", "the token's jti is revoked")
 
 
 def _jwt_svid_workload(facts: RequestFacts, state: State, hop: PeerIdentity,

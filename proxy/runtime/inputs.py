@@ -30,6 +30,7 @@ from proxy.core.policy import CompiledPolicy, compile_policy
 from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, parse_bundle
 from proxy.errors import ConfigError
 from proxy.runtime.metrics import Metrics
+from proxy.runtime.bundle_source import BundleSource
 from proxy.runtime.refresher import Refreshable
 from proxy.runtime.sources import FileSource
 
@@ -78,11 +79,18 @@ class Inputs:
                 lambda data, _d, td=td: parse_bundle(td.name, data[0], td.format),
                 max_staleness_s=ident.max_staleness_s)
         tds = cfg.trust_domain_names
-        self.policy: Refreshable[CompiledPolicy] = Refreshable(
-            "policy", f"policy {cfg.policy.file}", [FileSource(cfg.policy.file)],
-            lambda data, digests: parse_policy_file(data[0], digests[0], source=cfg.policy.file,
-                                                    trust_domains=tds),
-            max_staleness_s=cfg.policy.max_staleness_s)
+        self.bundle: BundleSource | None = None
+        if cfg.policy.bundle is not None:
+            self.bundle = BundleSource(cfg.policy.bundle, trust_domains=tds,
+                                       count=lambda r: metrics.refreshes.inc(("policy", r)))
+            self.bundle.max_staleness_s = cfg.policy.max_staleness_s
+            self.policy = self.bundle  # type: ignore[assignment]
+        else:
+            self.policy = Refreshable(
+                "policy", f"policy {cfg.policy.file}", [FileSource(cfg.policy.file)],
+                lambda data, digests: parse_policy_file(data[0], digests[0],
+                                                        source=cfg.policy.file, trust_domains=tds),
+                max_staleness_s=cfg.policy.max_staleness_s)
         self.trust_version = 0
         self.state: State | None = None
         # tokens: constant objects (the token cache keys on their identity), keys refreshed
@@ -131,8 +139,11 @@ class Inputs:
         respect to the event loop as long as only one poll runs at a time."""
         changed = tls_changed = False
         for r in self.all():
+            if r is self.bundle and self.bundle.cfg.url is not None:
+                continue  # the control plane client refreshes it (and counts) on its own
             result = r.poll(now, force)
-            self.metrics.refreshes.inc((r.source, result))
+            if r is not self.bundle:  # the bundle source counts its own results
+                self.metrics.refreshes.inc((r.source, result))
             if result == "changed":
                 changed = True
                 if r.source in ("svid", "trust_bundle"):
@@ -140,7 +151,10 @@ class Inputs:
         return changed, tls_changed
 
     def load_errors(self) -> list[str]:
-        return [f"{r.name}: {r.last_error}" for r in self.all() if r.value is None]
+        """Inputs that must load before the worker starts. A control plane bundle is fetched by
+        the worker itself (after the admin listener is up), so it is not one of them."""
+        return [f"{r.name}: {r.last_error}" for r in self.all()
+                if r.value is None and not (r is self.bundle and self.bundle.cfg.url is not None)]
 
     _FATAL = ("svid", "trust_bundle", "policy")
 
@@ -158,6 +172,8 @@ class Inputs:
                 reasons.append(f"{r.source}_not_loaded")
             elif r.stale(now):
                 reasons.append(f"{r.source}_stale")
+        if self.bundle is not None and self.bundle.expired(now):
+            reasons.append("bundle_expired")
         for iss, remote in self.remote_jwks.items():
             if remote.value is None:
                 reasons.append("jwks_not_loaded")
@@ -169,7 +185,8 @@ class Inputs:
         """The first reason every request must fail closed (503): own SVID expired or an SVID,
         trust bundle or policy missing/stale. Issuer keys only fail their own tokens."""
         for reason in self.readiness(now).reasons:
-            if reason == "svid_expired" or reason.split("_")[0] in ("svid", "trust", "policy"):
+            if reason in ("svid_expired", "bundle_expired") or \
+                    reason.split("_")[0] in ("svid", "trust", "policy"):
                 return reason
         return None
 
@@ -185,6 +202,7 @@ class Inputs:
                                              subject=hdrs.subject, issuer=hdrs.issuer,
                                              actors=hdrs.actor_chain, client_id=hdrs.client_id),
             tokens=self.token_settings(now),
+            revocations=self.bundle.revocations if self.bundle is not None else None,
             unavailable=self.fatal_reason(now),
         )
 

@@ -8,7 +8,11 @@ Rules:
   On top of it: only HTTP/1.0 and HTTP/1.1; Transfer-Encoding must be exactly `chunked` (HTTP/1.1
   only, RFC 9112 6.1); an HTTP/1.1 request needs exactly one Host (RFC 9112 3.2); CONNECT is
   refused (405); `Upgrade` is never honoured (it is hop-by-hop and stripped; the connection closes
-  after that exchange). Head size and header count are limited (431).
+  after that exchange). Head size and header count are limited (431), the request line (414,
+  `max_request_line_bytes`), the body (413, `max_body_bytes`: a declared Content-Length before
+  anything is forwarded, a chunked body as it streams); Host must be host[:port] (400). Bytes
+  that are not body are bounded too: a header line that never ends (httptools buffers it) and
+  chunk extensions out of proportion to the body are cut (`_check_framing`).
 - Nothing is parsed after a request that ends the connection (HTTP/1.0, `Connection: close`,
   Upgrade, a malformed request) or once the connection is marked to close: a smuggled or
   pipelined request after it is never forwarded and gets no audit record.
@@ -48,9 +52,11 @@ from proxy.errors import (
     HeadersTooLarge,
     InternalError,
     MethodNotAllowed,
+    PayloadTooLarge,
     ProxyError,
     RequestTimeout,
     ServiceUnavailable,
+    URITooLong,
 )
 from proxy.runtime.responses import render_error
 from proxy.runtime.tls import peer_chain_der
@@ -75,6 +81,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("portcullis.listener")
 
 _REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,200}")
+# Host = uri-host [":" port] (RFC 9112 3.2, RFC 3986 3.2.2), narrowed to what names a service: a DNS
+# name or IPv4 address (unreserved characters), or an IPv6 literal. No userinfo, path, list, space,
+# percent-encoding or sub-delims: an upstream must never read a different authority from it.
+_HOST_RE = re.compile(rb"(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+_FRAMING_PER_BODY_BYTE = 8  # chunk-size lines and extensions allowed per body byte (beyond a base)
 _PENDING_BODY_LIMIT = 1 << 20  # bytes buffered for a request that waits its turn
 _LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final response
 _LINGER_S = 2.0
@@ -174,7 +185,7 @@ class Exchange:
         "upstream_status", "resp_mode", "chunk_out", "t0", "t_sent", "up_us", "request_id",
         "decision_id", "discard", "finished", "started", "headers_done", "upgrade", "expect",
         "conn_tokens", "outcome", "retried", "head_request", "content_length",
-        "authorization", "dpop", "lnames", "retried_kid", "jwt_svid",
+        "authorization", "dpop", "lnames", "retried_kid", "jwt_svid", "body_in", "framing",
     )
 
     def __init__(self, conn: "ClientConnection") -> None:
@@ -214,6 +225,8 @@ class Exchange:
         self.lnames: list[bytes] = []
         self.retried_kid = False
         self.jwt_svid: tuple[str, ...] = ()
+        self.body_in = 0  # body bytes the parser delivered (decoded)
+        self.framing = 0  # other bytes of this request counted in data_received (see there)
         self.outcome = "complete"
         self.retried = False
         self.head_request = False
@@ -514,10 +527,19 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None and not ex.body_done:
             # a request body is streaming: it must keep moving (slow-body limit)
             self.deadline = self.plane.loop.time() + self.plane.cfg.listener.idle_timeout_s
+        # Bytes that are not body (the head, chunk-size lines and extensions, trailers) are counted
+        # too, when a whole read belongs to one request: httptools buffers a header line until it
+        # ends, so a line that never ends must be cut by its size, not only by header_timeout_s.
+        px = self.parsing
+        if px is not None:
+            hd0, b0 = px.headers_done, px.body_in
         batch = self.batch
         batch.begin()
         try:
             self.parser.feed_data(data)
+            if px is not None and self.parsing is px and px.headers_done is hd0:
+                px.framing += len(data) - (px.body_in - b0)
+                self._check_framing(px)
         except httptools.HttpParserCallbackError as exc:
             ctx = exc.__context__
             if isinstance(ctx, _Stop):
@@ -583,6 +605,7 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         p = self.parser
         ex.headers_done = True
+        ex.framing = 0
         ex.method = p.get_method().decode("ascii")
         ex.version = v = p.get_http_version()
         ex.upgrade = p.should_upgrade()
@@ -591,6 +614,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             if v != "1.1" and v != "1.0":
                 raise BadRequest("unsupported_http_version", f"HTTP/{v} is not HTTP/1.x")
+            limit = self.plane.cfg.listener.max_request_line_bytes
+            if len(ex.method) + len(ex.url) + 10 > limit:  # METHOD SP target SP HTTP/1.1
+                raise URITooLong("uri_too_long", f"request line exceeds max_request_line_bytes ({limit})")
             self._read_framing(ex)
         except ProxyError as err:
             ex.keep_alive = False
@@ -606,8 +632,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
-        if ex is not None and (ex.discard or not ex.finished):
-            ex.feed_body(body)
+        if ex is not None:
+            ex.body_in += len(body)
+            if ex.discard:
+                ex.feed_body(body)
+            elif not ex.finished:
+                limit = self.plane.cfg.listener.max_body_bytes
+                if limit and ex.body_in > limit:
+                    # a chunked body past the limit: its end (and these bytes) never go upstream
+                    raise _Stop(PayloadTooLarge("payload_too_large",
+                                                f"request body exceeds max_body_bytes ({limit})"))
+                ex.feed_body(body)
 
     def on_message_complete(self) -> None:
         ex = self.parsing
@@ -629,6 +664,7 @@ class ClientConnection(asyncio.Protocol):
         """One pass over the request headers: framing, Host, request id, credentials, and the
         lowercased names the forwarder filters on (`ex.headers` becomes (name, value, lname))."""
         hosts = 0
+        host = b""
         te: list[bytes] = []
         conn_values: list[bytes] = []
         has_cl = False
@@ -640,6 +676,7 @@ class ClientConnection(asyncio.Protocol):
             lnames.append(n)
             if n == b"host":
                 hosts += 1
+                host = value
             elif n == b"transfer-encoding":
                 te.append(value)
             elif n == b"content-length":
@@ -672,10 +709,29 @@ class ClientConnection(asyncio.Protocol):
             ex.body_mode = "chunked"
         elif has_cl:
             ex.body_mode = "length"  # httptools validated the value and rejected duplicates
+            limit = self.plane.cfg.listener.max_body_bytes
+            if limit and ex.content_length > limit:
+                raise PayloadTooLarge("payload_too_large",
+                                      f"Content-Length {ex.content_length} exceeds max_body_bytes ({limit})")
         if ex.version == "1.1" and hosts != 1:
             raise BadRequest("invalid_host", "HTTP/1.1 request needs exactly one Host header")
         if hosts > 1:
             raise BadRequest("invalid_host", "more than one Host header")
+        if hosts and _HOST_RE.fullmatch(host.rstrip(b" \t")) is None:  # llhttp keeps trailing OWS
+            raise BadRequest("invalid_host", "Host is not host[:port]")
+
+    def _check_framing(self, ex: Exchange) -> None:
+        """Bound the bytes of a request that are not body (counted by data_received): a head that
+        does not end, or chunk framing (size lines, extensions, trailers) out of proportion to
+        the body. The exact head limits are checked per line (on_url, on_header)."""
+        base = 2 * self.plane.cfg.listener.max_header_bytes
+        if not ex.headers_done:
+            if ex.framing > base:
+                self._parse_failed(HeadersTooLarge("headers_too_large",
+                                                   "request head exceeds max_header_bytes"))
+        elif ex.framing > base + _FRAMING_PER_BODY_BYTE * ex.body_in:
+            self._parse_failed(BadRequest("chunk_framing_too_large",
+                                          "chunk extensions or trailers out of proportion to the body"))
 
     # -- exchanges ---------------------------------------------------------------------------------
     def _start_next(self) -> None:

@@ -91,6 +91,8 @@ class Worker:
     def load(self) -> None:
         """Load every input once; raise ConfigError listing all that failed."""
         now = time.time()
+        if self.inputs.bundle is not None:
+            self.inputs.bundle.load_cached(now)  # the last good bundle, if the cache has one
         self.inputs.poll(now, force=True)
         errors = self.inputs.load_errors()
         try:
@@ -100,7 +102,8 @@ class Worker:
         if errors:
             raise ConfigError([Problem("", e) for e in errors])
         self.trust = self.inputs.trust_store()
-        self.state = self.inputs.build_state(now, self.trust)
+        if self.inputs.policy.value is not None:
+            self.state = self.inputs.build_state(now, self.trust)
         self.inputs.update_gauges(now)
         self.tls = TlsSwitch(self._server_ctx())
 
@@ -131,13 +134,6 @@ class Worker:
                                worker=str(self.index))
         self._wire_gauges(upstream)
         self.plane.refresh_issuer_keys = self.refresh_issuer_keys
-        await self._start_remote_jwks()
-        self._server = await loop.create_server(
-            self.plane.factory, cfg.listener.address, cfg.listener.port, ssl=self.tls.dispatch,
-            ssl_handshake_timeout=cfg.listener.handshake_timeout_s, backlog=cfg.listener.backlog,
-            reuse_port=self.reuse_port or None, reuse_address=True)
-        sock = self._server.sockets[0]
-        self.bound = sock.getsockname()[:2]
         admin_runner = None
         if admin and cfg.admin.enabled:
             from proxy.runtime.admin import start_admin
@@ -145,6 +141,18 @@ class Worker:
             admin_runner, self.admin_port = await start_admin(
                 cfg.admin.address, cfg.admin.port, self.admin_status, self.metrics)
             log.info("admin listening on http://%s:%d", cfg.admin.address, self.admin_port)
+        await self._start_remote_jwks()
+        if not await self._start_remote_bundle():
+            await self._shutdown(upstream, sweeper, listening=False)
+            if admin_runner is not None:
+                await admin_runner.cleanup()
+            return
+        self._server = await loop.create_server(
+            self.plane.factory, cfg.listener.address, cfg.listener.port, ssl=self.tls.dispatch,
+            ssl_handshake_timeout=cfg.listener.handshake_timeout_s, backlog=cfg.listener.backlog,
+            reuse_port=self.reuse_port or None, reuse_address=True)
+        sock = self._server.sockets[0]
+        self.bound = sock.getsockname()[:2]
         if install_signals:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -160,6 +168,29 @@ class Worker:
         await self._shutdown(upstream, sweeper)
         if admin_runner is not None:
             await admin_runner.cleanup()
+
+    async def _start_remote_bundle(self) -> bool:
+        """With a control plane URL: fetch the bundle before listening (readiness stays red until
+        a policy is active); retried until it works or the worker is asked to stop."""
+        bundle = self.inputs.bundle
+        if bundle is None or bundle.cfg.url is None:
+            return True
+        from proxy.runtime.tls import client_context
+
+        bundle.on_change = lambda: self.apply(time.time(), True, False)
+        await bundle.start_remote(client_context(self.inputs.svid.value, self.trust))
+        delay = 0.5
+        while bundle.value is None:
+            log.error("no policy yet (%s): retrying in %.1fs", bundle.last_error, delay)
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return False  # asked to stop before any policy arrived
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, bundle.cfg.max_delay_s)
+            await bundle.fetch(long_poll=False)
+        self.apply(time.time(), True, False)
+        return True
 
     async def _start_remote_jwks(self) -> None:
         from proxy.runtime.jwks import RemoteJwks
@@ -211,13 +242,16 @@ class Worker:
         if self.loop is not None and not self._refreshing:
             self.loop.create_task(self._refresh_once())
 
-    async def _shutdown(self, upstream: Upstream, sweeper: Sweeper) -> None:
+    async def _shutdown(self, upstream: Upstream, sweeper: Sweeper, *, listening: bool = True) -> None:
         cfg = self.cfg.server
-        if cfg.drain_delay_s:
+        if cfg.drain_delay_s and listening:
             await asyncio.sleep(cfg.drain_delay_s)
         if self._refresh_task is not None:
             self._refresh_task.cancel()
-        self._server.close()
+        if self.inputs.bundle is not None:
+            await self.inputs.bundle.close()
+        if self._server is not None:
+            self._server.close()
         self.plane.drain()
         deadline = time.monotonic() + cfg.drain_timeout_s
         while self.plane.conns and time.monotonic() < deadline:
@@ -261,6 +295,8 @@ class Worker:
 
     def apply(self, now: float, changed: bool, tls_changed: bool) -> None:
         """Publish a new State (and TLS context) if anything changed or availability moved."""
+        if self.inputs.policy.value is None:
+            return  # nothing can be decided before a policy is active (control plane bundle)
         if tls_changed:
             self.trust = self.inputs.trust_store()
             try:

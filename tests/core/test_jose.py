@@ -370,3 +370,13 @@ def test_verify_access_token_only_raises_token_error(text):
             assert err.code and err.rfc_error == "invalid_token"
         else:
             assert claims.expires_at > NOW - 30 and claims.issuer == ISSUER.issuer
+
+
+def test_non_canonical_base64url_is_refused():
+    """RFC 4648 section 3.5: a last character with unused bits set is another spelling of the same
+    bytes; accepting it would give one token two fingerprints."""
+    from proxy.core.jose import b64url_decode
+    from proxy.errors import InvalidValue
+    assert b64url_decode("QQ") == b"A"
+    with pytest.raises(InvalidValue):
+        b64url_decode("QR")  # same byte, low bits set

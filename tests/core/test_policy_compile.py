@@ -58,7 +58,7 @@ ERRORS = [
     ("empty-rules", {"version": 1, "revision": "r", "rules": []}, "rules", "must not be empty"),
     ("rules-not-list", {"version": 1, "revision": "r", "rules": {}}, "rules", "must be a list"),
     ("rule-not-mapping", good_doc(good_rule(), "x"), "rules[1]", "must be a mapping"),
-    ("unknown-rule-key", good_doc(good_rule(when="true")), "rules[0].when", "unknown key"),
+    ("unknown-rule-key", good_doc(good_rule(unless="true")), "rules[0].unless", "unknown key"),
     ("missing-id", good_doc({k: v for k, v in good_rule().items() if k != "id"}),
      "rules[0].id", "is required"),
     ("bad-id-chars", good_doc(good_rule(id="a b")), "rules[0].id", "must match"),

@@ -117,7 +117,8 @@ _ANY_CONTEXT = st.builds(
     method=st.one_of(st.sampled_from(["GET", "POST", "HEAD", "DELETE", "get"]),
                      st.text(max_size=8)),
     path=st.one_of(st.sampled_from(_PATHS), st.text(max_size=20)),
-    query=st.just(""), token=st.none(), binding=st.none(),
+    query=st.just(""), token=st.none(), binding=st.none(), action=st.none(),
+    params=st.just({}),
 )
 
 

@@ -96,8 +96,17 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
+from proxy.core import cel
 from proxy.core.model import Outcome, SpiffeId, Verdict
 from proxy.core.paths import canonicalize_path
+from proxy.core.policy.actions import (
+    DEFAULT_MAX_BODY_BYTES,
+    MAX_BODY_BYTES_LIMIT,
+    ActionSpec,
+    ParamSpec,
+    parse_pointer,
+)
+from proxy.core.policy.conditions import PARAM_CEL_TYPES, When, rule_env
 from proxy.core.policy.model import (
     ONE,
     REST,
@@ -133,8 +142,14 @@ KIND_RESIDUAL = 4  # the rule has token conditions or requirements: run `residua
 
 STEP_UP_CODE = "step_up_required"
 
-_TOP_KEYS = ("version", "revision", "authentication", "rules")
-_RULE_KEYS = ("id", "effect", "shadow", "description", "from", "to", "require")
+_TOP_KEYS = ("version", "revision", "authentication", "actions", "rules")
+_RULE_KEYS = ("id", "effect", "shadow", "description", "from", "to", "require", "when")
+_ACTION_KEYS = ("name", "description", "methods", "paths", "max_body_bytes", "params")
+_PARAM_KEYS = ("from", "name", "pointer", "type", "required")
+_PARAM_TYPES = ("string", "integer", "number", "boolean", "any")
+ACTION_NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}"
+_ACTION_NAME = re.compile(ACTION_NAME_PATTERN)
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 _SELECTORS = ("workloads", "subjects", "actors", "clients", "scopes", "acr", "amr", "claims")
 _DETAILS_KEYS = ("type", "match", "bounds")
 _BOUND_OPS = ("le", "lt", "ge", "gt")
@@ -238,6 +253,10 @@ def compile_policy(
     authentication: tuple[AuthEntry, ...] = ()
     if "authentication" in doc:
         authentication = _compile_authentication(doc["authentication"], problems)
+    actions: tuple[ActionSpec, ...] = ()
+    if "actions" in doc:
+        actions = _compile_actions(doc["actions"], problems)
+    actions_by_name = {a.name: a for a in actions}
 
     rules: list[CompiledRule] = []
     raw_rules = doc.get("rules")
@@ -251,7 +270,8 @@ def compile_policy(
     else:
         first_seen: dict[str, int] = {}
         for i, raw in enumerate(raw_rules):
-            rule = _compile_rule(raw, i, join("rules", i), problems, known_trust_domains)
+            rule = _compile_rule(raw, i, join("rules", i), problems, known_trust_domains,
+                                 actions_by_name)
             # Duplicates are checked on the raw id, so they are reported even for broken rules.
             rule_id = raw.get("id") if isinstance(raw, Mapping) else None
             if isinstance(rule_id, str):
@@ -274,8 +294,9 @@ def compile_policy(
         rules=compiled_rules,
         trust_domains=trust_domains,
         source=source,
-        index=build_index(compiled_rules, authentication),
+        index=build_index(compiled_rules, authentication, actions),
         authentication=authentication,
+        actions=actions,
     )
 
 
@@ -293,7 +314,9 @@ def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], path: str,
 
 
 def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
-                  known_tds: frozenset[str] | None) -> CompiledRule | None:
+                  known_tds: frozenset[str] | None,
+                  actions_by_name: Mapping[str, ActionSpec] | None = None
+                  ) -> CompiledRule | None:
     if not isinstance(raw, Mapping):
         problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
         return None
@@ -323,8 +346,10 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
             token = _compile_token_match(spec, from_path, problems)
 
     routes: list[Route] = []
+    action_names: dict[str, None] = {}
     to_path = join(path, "to")
     raw_to = raw.get("to")
+    known_actions = actions_by_name or {}
     if "to" not in raw:
         problems.append(Problem(to_path, "is required"))
     elif not isinstance(raw_to, list):
@@ -333,9 +358,14 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
         problems.append(Problem(to_path, "must not be empty"))
     else:
         for j, raw_route in enumerate(raw_to):
+            if isinstance(raw_route, Mapping) and "actions" in raw_route:
+                _compile_to_actions(raw_route, join(to_path, j), problems, known_actions,
+                                    action_names)
+                continue
             route = _compile_route(raw_route, join(to_path, j), problems)
             if route is not None:
                 routes.append(route)
+    rule_actions = tuple(known_actions[n] for n in action_names if n in known_actions)
 
     require: Requirements | None = None
     if "require" in raw:
@@ -348,11 +378,23 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
             require = _compile_require(raw["require"], req_path, problems)
             if require is not None and spec is not None:
                 _check_require_against_from(require, spec, path, problems, known_tds)
+            if require is not None and require.authorization_details is not None and \
+                    not routes and rule_actions:
+                _check_details_params(require.authorization_details, rule_actions,
+                                      join(req_path, "authorization_details"), problems)
+
+    sources = ParamSource.of(tuple(routes))
+    when = None
+    if "when" in raw:
+        when = _compile_when(raw["when"], join(path, "when"), problems, routes, sources,
+                             rule_actions if action_names else tuple(known_actions.values()),
+                             bool(action_names))
 
     if head is None or len(problems) > before:
         return None
     if require is not None and require.authorization_details is not None:
-        details = replace(require.authorization_details, sources=ParamSource.of(tuple(routes)))
+        details = replace(require.authorization_details, sources=sources,
+                          actions=frozenset(action_names))
         require = replace(require, authorization_details=details)
     step_up = None
     if require is not None and (require.acr_values or require.max_auth_age_s is not None):
@@ -369,7 +411,217 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
         token=token,
         require=require,
         step_up=step_up,
+        actions=frozenset(action_names),
+        when=when,
     )
+
+
+def _compile_to_actions(raw: Mapping[str, Any], path: str, problems: list[Problem],
+                        known: Mapping[str, ActionSpec], out: dict[str, None]) -> None:
+    """A `to` entry `{actions: [name, ...]}`: names of actions of the `actions` section."""
+    for key in raw:
+        if key != "actions":
+            problems.append(Problem(join(path, str(key)), "unknown key in an actions entry (a "
+                                    "route with methods/paths is its own entry of `to`)"))
+    apath = join(path, "actions")
+    names = raw["actions"]
+    if not isinstance(names, list):
+        problems.append(Problem(apath, f"must be a list; got {type(names).__name__}"))
+        return
+    if not names:
+        problems.append(Problem(apath, "must not be empty"))
+        return
+    for k, name in enumerate(names):
+        if not isinstance(name, str):
+            problems.append(Problem(join(apath, k), f"must be a string; got {name!r}"))
+        elif name not in known:
+            avail = ", ".join(known) or "none: add an `actions` section"
+            problems.append(Problem(join(apath, k), f"unknown action {name!r} (actions: "
+                                                    f"{avail})"))
+        else:
+            out[name] = None
+
+
+def _action_param_types(actions: tuple[ActionSpec, ...]) -> dict[str, Any]:
+    """Parameter name -> CEL type over these actions (dyn where they disagree)."""
+    out: dict[str, Any] = {}
+    for a in actions:
+        for p in a.params:
+            t = PARAM_CEL_TYPES[p.type]
+            out[p.name] = t if out.get(p.name, t) == t else cel.DYN
+    return out
+
+
+def _compile_when(raw: Any, path: str, problems: list[Problem], routes: list[Route],
+                  sources: tuple[ParamSource, ...], actions: tuple[ActionSpec, ...],
+                  own_actions: bool) -> When | None:
+    if not isinstance(raw, str) or not raw.strip():
+        problems.append(Problem(path, "must be a non-empty CEL expression (a string)"))
+        return None
+    captures = tuple(dict.fromkeys(c for r in routes for t in r.paths for c in t.params))
+    env = rule_env(captures, _action_param_types(actions))
+    try:
+        condition = cel.compile_condition(raw, env)
+    except cel.CelCompileError as exc:
+        msg = exc.message
+        if "action.params" in msg and not own_actions:
+            msg += " (a rule without `to: [{actions: ...}]` sees the parameters that some " \
+                   "action of the policy declares)"
+        problems.append(Problem(path, msg))
+        return None
+    return When(condition, sources)
+
+
+def _check_details_params(details: DetailsRequirement, actions: tuple[ActionSpec, ...],
+                          path: str, problems: list[Problem]) -> None:
+    """A rule that matches only through actions reads only their parameters."""
+    declared = {p.name for a in actions for p in a.params}
+    names = ", ".join(a.name for a in actions)
+    for fld, param in details.match:
+        if param not in declared:
+            problems.append(Problem(join(join(path, "match"), fld),
+                                    f"can never match: none of the rule's actions ({names}) "
+                                    f"declares the parameter {param!r}"))
+    for b in dict.fromkeys(b.param for b in details.bounds):
+        if b not in declared:
+            problems.append(Problem(join(join(path, "bounds"), b),
+                                    f"can never match: none of the rule's actions ({names}) "
+                                    f"declares the parameter {b!r}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Actions
+# ------------------------------------------------------------------------------------------------
+
+
+def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...]:
+    path = "actions"
+    if not isinstance(raw, list):
+        problems.append(Problem(path, f"must be a list; got {type(raw).__name__}"))
+        return ()
+    if not raw:
+        problems.append(Problem(path, "must not be empty (omit the section)"))
+        return ()
+    out: list[ActionSpec] = []
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        apath = join(path, i)
+        if not isinstance(item, Mapping):
+            problems.append(Problem(apath, f"must be a mapping; got {type(item).__name__}"))
+            continue
+        before = len(problems)
+        _unknown_keys(item, _ACTION_KEYS, apath, problems)
+        name = item.get("name")
+        npath = join(apath, "name")
+        if "name" not in item:
+            problems.append(Problem(npath, "is required"))
+        elif not isinstance(name, str) or not _ACTION_NAME.fullmatch(name):
+            problems.append(Problem(npath, f"must match {ACTION_NAME_PATTERN}; got {name!r}"))
+        elif name in first_seen:
+            problems.append(Problem(npath, f"duplicate action name {name!r} (first used at "
+                                           f"actions[{first_seen[name]}])"))
+        else:
+            first_seen[name] = i
+        description = item.get("description", "")
+        if not isinstance(description, str):
+            problems.append(Problem(join(apath, "description"), "must be a string"))
+        max_body = item.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or \
+                not 1 <= max_body <= MAX_BODY_BYTES_LIMIT:
+            problems.append(Problem(join(apath, "max_body_bytes"),
+                                    f"must be an integer 1..{MAX_BODY_BYTES_LIMIT}; "
+                                    f"got {max_body!r}"))
+        route_raw = {k: item[k] for k in ("methods", "paths") if k in item}
+        route = _compile_route(route_raw, apath, problems)
+        params = _compile_params(item.get("params"), "params" in item, join(apath, "params"),
+                                 route, problems)
+        if len(problems) > before or route is None:
+            continue
+        spec = ActionSpec(name=name, index=i, route=route, params=params,
+                          max_body_bytes=max_body, description=description)
+        shadowed_by = _shadowed_by(route, out)  # type: ignore[arg-type]
+        if shadowed_by:
+            names = ", ".join(f"actions[{k}]" for k in shadowed_by)
+            problems.append(Problem(apath, f"can never match: every request it covers is "
+                                           f"matched first by {names} (first match wins)"))
+            continue
+        out.append(spec)
+    return tuple(out)
+
+
+def _compile_params(raw: Any, present: bool, path: str, route: Route | None,
+                    problems: list[Problem]) -> tuple[ParamSpec, ...]:
+    if not present:
+        return ()
+    if not isinstance(raw, Mapping):
+        problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
+        return ()
+    if not raw:
+        problems.append(Problem(path, "must not be empty (omit `params`)"))
+        return ()
+    out: list[ParamSpec] = []
+    for pname, spec in raw.items():
+        ppath = join(path, str(pname))
+        if not isinstance(pname, str) or not _PARAM_NAME.fullmatch(pname):
+            problems.append(Problem(ppath, "parameter names are identifiers "
+                                           "([A-Za-z_][A-Za-z0-9_]*, at most 64)"))
+            continue
+        if not isinstance(spec, Mapping):
+            problems.append(Problem(ppath, "must be a mapping like {from: path | query | body}"))
+            continue
+        before = len(problems)
+        _unknown_keys(spec, _PARAM_KEYS, ppath, problems)
+        src = spec.get("from")
+        if "from" not in spec:
+            problems.append(Problem(join(ppath, "from"), "is required (path, query or body)"))
+        elif src not in ("path", "query", "body"):
+            problems.append(Problem(join(ppath, "from"),
+                                    f"must be one of path, query, body; got {src!r}"))
+        ptype = spec.get("type", "any" if src == "body" else "string")
+        if ptype not in _PARAM_TYPES:
+            problems.append(Problem(join(ppath, "type"), f"must be one of "
+                                    f"{', '.join(_PARAM_TYPES)}; got {ptype!r}"))
+        elif ptype == "any" and src in ("path", "query"):
+            problems.append(Problem(join(ppath, "type"), "any is for body parameters (a "
+                                                         f"{src} parameter is text)"))
+        required = spec.get("required", True)
+        if not isinstance(required, bool):
+            problems.append(Problem(join(ppath, "required"), "must be true or false"))
+        key = pname
+        pointer: tuple[str, ...] = ()
+        if src == "body":
+            if "name" in spec:
+                problems.append(Problem(join(ppath, "name"), "a body parameter is found by "
+                                                             "its pointer"))
+            text = spec.get("pointer")
+            if "pointer" not in spec:
+                problems.append(Problem(join(ppath, "pointer"), "is required for a body "
+                                        "parameter (RFC 6901, like /amount)"))
+            elif not isinstance(text, str) or parse_pointer(text) is None:
+                problems.append(Problem(join(ppath, "pointer"),
+                                        f"not an RFC 6901 JSON pointer: {text!r} (\"\" or "
+                                        "/a/b; ~0 is ~ and ~1 is /)"))
+            else:
+                key, pointer = text, parse_pointer(text)  # type: ignore[assignment]
+        elif src in ("path", "query"):
+            if "pointer" in spec:
+                problems.append(Problem(join(ppath, "pointer"), "only body parameters have a "
+                                                                "pointer"))
+            if "name" in spec:
+                key = spec["name"]
+                if not isinstance(key, str) or not key:
+                    problems.append(Problem(join(ppath, "name"), "must be a non-empty string"))
+            if src == "path" and route is not None and isinstance(key, str):
+                where = join(ppath, "name") if "name" in spec else join(ppath, "from")
+                for k, t in enumerate(route.paths):
+                    if key not in t.params:
+                        problems.append(Problem(where, f"paths[{k}] {t.source!r} has no "
+                                                       f"{{{key}}} capture"))
+        if len(problems) > before:
+            continue
+        out.append(ParamSpec(name=pname, source=src, key=key, type=ptype, required=required,
+                             pointer=pointer))
+    return tuple(out)
 
 
 def _strings(values: tuple[str, ...], path: str, problems: list[Problem]) -> frozenset[str]:
@@ -894,7 +1146,8 @@ def _freeze_methods(d: dict[str | None, set[int]]) -> MethodSets:
 
 
 def build_index(rules: tuple[CompiledRule, ...],
-                authentication: tuple[AuthEntry, ...] = ()) -> PolicyIndex:
+                authentication: tuple[AuthEntry, ...] = (),
+                actions: tuple[ActionSpec, ...] = ()) -> PolicyIndex:
     """Build the lookup structures the evaluator uses (see `PolicyIndex`)."""
     exact: dict[SpiffeId, set[int]] = {}
     wtries: dict[str, TrieNode] = {}
@@ -925,8 +1178,20 @@ def build_index(rules: tuple[CompiledRule, ...],
             _index_route(auth_root, e.route, pos)
         _freeze(auth_root, _freeze_methods)
 
+    by_action: dict[str, set[int]] = {}
+    for r in rules:
+        for name in r.actions:
+            by_action.setdefault(name, set()).add(r.index)
+    action_sets = {name: MethodSets({}, frozenset(ix)) for name, ix in by_action.items()}
+    action_root = None
+    if actions:
+        action_root = TrieNode()
+        for pos, a in enumerate(actions):  # payload: position in `actions`
+            _index_route(action_root, a.route, pos)
+        _freeze(action_root, _freeze_methods)
+
     kinds = tuple((KIND_DENY if r.effect == "deny" else 0) | (KIND_SHADOW if r.shadow else 0)
-                  | (KIND_RESIDUAL if r.needs_token else 0)
+                  | (KIND_RESIDUAL if r.has_residual else 0)
                   for r in rules)
     step_outcomes = tuple(r.step_up for r in rules)
     allow_outcomes = tuple(Outcome("allow", "allowed", r.id) for r in rules)
@@ -942,11 +1207,15 @@ def build_index(rules: tuple[CompiledRule, ...],
         verdicts_deny=tuple(Verdict(o) for o in deny_outcomes),
         has_shadow=any(r.shadow for r in rules),
         any_workload=frozenset(any_workload),
-        residuals=tuple(r.residual if r.needs_token else None for r in rules),
+        residuals=tuple((r.residual if r.when is None else r.residual_when)
+                        if r.has_residual else None for r in rules),
         step_outcomes=step_outcomes,
         verdicts_step=tuple(None if o is None else Verdict(o) for o in step_outcomes),
         auth_root=auth_root,
         auth_requirements=tuple(e.requirement for e in authentication),
+        action_sets=action_sets,
+        action_root=action_root,
+        action_specs=tuple(actions),
     )
 
 

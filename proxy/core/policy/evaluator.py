@@ -84,7 +84,13 @@ def evaluate(policy: CompiledPolicy, ctx: RequestContext, *,
     kinds = idx.kinds
     enf_deny = enf_allow = enf_step = all_deny = all_allow = all_step = _NONE
     memo = None
-    for ms in walk(idx.path_root, path.split("/"), 1):
+    terminals = walk(idx.path_root, path.split("/"), 1)
+    action = ctx.action
+    if action is not None:
+        ams = idx.action_sets.get(action)
+        if ams is not None:
+            terminals.append(ams)  # the rules naming this action, like one more terminal
+    for ms in terminals:
         cand = ms.by_method.get(method, ms.any)
         if not cand:
             continue

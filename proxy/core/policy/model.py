@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 from collections import abc
 from dataclasses import dataclass, field
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
@@ -269,6 +270,9 @@ class DetailsRequirement:
     match: tuple[tuple[str, str], ...] = ()  # (entry field, request parameter)
     bounds: tuple[Bound, ...] = ()
     sources: tuple[ParamSource, ...] = ()
+    #: the rule's actions: when the request is one of them, its typed parameters
+    #: (`RequestContext.params`) are read too (see `action_values`)
+    actions: frozenset[str] = frozenset()
     #: computed: every request parameter read, once each, in order of first use, with its
     #: `params.same_name` key; the literal bounds and the field bounds, as (param, compare, x)
     params: tuple[tuple[str, str], ...] = field(default=(), init=False)
@@ -280,7 +284,8 @@ class DetailsRequirement:
     def __post_init__(self) -> None:
         names = dict.fromkeys([p for _, p in self.match] + [b.param for b in self.bounds])
         object.__setattr__(self, "params", tuple((n, same_name(n)) for n in names))
-        object.__setattr__(self, "read_key", "r:" + repr((self.sources, self.params)))
+        object.__setattr__(self, "read_key", "r:" + repr((self.sources, self.params,
+                                                          sorted(self.actions))))
         object.__setattr__(self, "literal_bounds", tuple(
             (b.param, _COMPARE[b.op], b.literal) for b in self.bounds if b.field is None))
         object.__setattr__(self, "field_bounds", tuple(
@@ -305,14 +310,21 @@ class DetailsRequirement:
 
     def read(self, ctx: RequestContext, memo: dict[str, Any] | None) -> list[dict[str, str]]:
         """The parameter values of each matching template (of a route whose method matches), in
-        rule order; templates where some parameter is absent or ambiguous are left out."""
+        rule order, then those of the request's action when it is one of the rule's; readings
+        where some parameter is absent or ambiguous are left out."""
         method = ctx.method
         segs: list[str] | None = None
         query: Mapping[str, Any] | None = None
         out = []
         sources = self.sources
-        # One template: the caller (index or `decide`) already matched the route, so it matched.
-        single = len(sources) == 1
+        actions = self.actions
+        if actions and ctx.action in actions:
+            values = action_values(self.params, ctx.params)
+            if values is not None:
+                out.append(values)
+        # One template: the caller (index or `decide`) already matched the route, so it matched
+        # (unless the rule also has actions: then it may have matched through one of them).
+        single = len(sources) == 1 and not actions
         for src in sources:
             if src.methods is not None and method not in src.methods:
                 continue
@@ -364,6 +376,29 @@ class DetailsRequirement:
                 else:
                     return True
         return False
+
+
+def action_values(names: tuple[tuple[str, str], ...],
+                  params: Mapping[str, Any]) -> dict[str, str] | None:
+    """The typed action parameters as the strings `satisfied` compares (`match` as strings,
+    `bounds` through `param_decimal`): str as is, int in decimal, Decimal in plain positional
+    notation; None when one is absent or of another type (a bool, a JSON object...)."""
+    out: dict[str, str] = {}
+    try:
+        for name, _key in names:
+            v = params.get(name)
+            t = type(v)
+            if t is str:
+                out[name] = v  # type: ignore[assignment]
+            elif t is int:
+                out[name] = str(v)
+            elif t is Decimal and v.is_finite():  # type: ignore[union-attr]
+                out[name] = format(v, "f")
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - a params mapping that misbehaves reads as absent
+        return None
+    return out
 
 
 def _read_params(names: tuple[tuple[str, str], ...], captures: tuple[tuple[str, int], ...],
@@ -432,7 +467,9 @@ class Requirements:
 class CompiledRule:
     """One rule; `index` is its position in the file (order decides between matching rules).
     `workloads` is () when the rule does not constrain the calling workload (then `token` is set);
-    `token` holds the token selectors of `from`, `require` the requirements of an allow rule."""
+    `token` holds the token selectors of `from`, `require` the requirements of an allow rule,
+    `actions` the action names of `to` (a request matches the rule's `to` when one of `routes`
+    matches it or its `RequestContext.action` is one of them), `when` its CEL condition."""
 
     id: str
     index: int
@@ -444,18 +481,31 @@ class CompiledRule:
     token: TokenMatch | None = None
     require: Requirements | None = None
     step_up: Outcome | None = None  # the outcome when `decide` says STEP_UP
+    actions: frozenset[str] = frozenset()
+    when: Any = None  # conditions.When | None
 
     @property
     def needs_token(self) -> bool:
         return self.token is not None or self.require is not None
 
+    @property
+    def has_residual(self) -> bool:
+        """Does the rule need its residual check (token conditions, requirements, `when`)?"""
+        return self.token is not None or self.require is not None or self.when is not None
+
+    def matches_to(self, ctx: RequestContext) -> bool:
+        """Does `to` match: a route, or the request's action?"""
+        if ctx.action is not None and ctx.action in self.actions:
+            return True
+        return any(r.matches(ctx.method, ctx.path) for r in self.routes)
+
     def decide(self, ctx: RequestContext, now: float | None = None) -> int:
         """Reference semantics of a rule: NO, STEP_UP or MATCH."""
-        if not any(r.matches(ctx.method, ctx.path) for r in self.routes):
+        if not self.matches_to(ctx):
             return NO
         if self.workloads and not any(w.matches(ctx.workload) for w in self.workloads):
             return NO
-        return self.residual(ctx, now)
+        return self.decide_residual(ctx, now)
 
     def residual(self, ctx: RequestContext, now: float | None = None,
                  memo: dict[str, Any] | None = None) -> int:
@@ -480,6 +530,25 @@ class CompiledRule:
         if self.require is None:
             return MATCH
         return self.require.check(ctx, tok, now, memo)
+
+    def residual_when(self, ctx: RequestContext, now: float | None = None,
+                      memo: dict[str, Any] | None = None) -> int:
+        """`residual`, then the `when` condition (rules that have one): false is NO; an
+        evaluation error is NO for an allow rule and MATCH for a deny rule (fail closed)."""
+        r = self.residual(ctx, now, memo)
+        if r == NO:
+            return NO
+        ok = self.when.result(ctx, now, memo)
+        if ok is True:
+            return r
+        if ok is False:
+            return NO
+        return MATCH if self.effect == "deny" else NO
+
+    def decide_residual(self, ctx: RequestContext, now: float | None = None,
+                        memo: dict[str, Any] | None = None) -> int:
+        return self.residual(ctx, now, memo) if self.when is None \
+            else self.residual_when(ctx, now, memo)
 
     def matches(self, ctx: RequestContext, now: float | None = None) -> bool:
         """True when the rule fully matches (not merely up to a step-up)."""
@@ -572,7 +641,11 @@ class PolicyIndex:
       run only on rules the index found;
     - `verdicts`: the precomputed Verdict for each enforced outcome without a shadow difference;
     - `auth_root`: trie over `authentication` entry templates (payload: `MethodSets` of entry
-      indices), `auth_requirements` the requirement of each entry.
+      indices), `auth_requirements` the requirement of each entry;
+    - `action_sets`: action name -> `MethodSets` whose `any` holds the indices of the rules
+      naming that action in `to` (walked like one more path-trie terminal);
+    - `action_root`: trie over action templates (payload: `MethodSets` of positions in
+      `action_specs`), for `CompiledPolicy.action_for`.
     """
 
     exact_workloads: dict[SpiffeId, frozenset[int]]
@@ -590,6 +663,9 @@ class PolicyIndex:
     verdicts_step: tuple[Any, ...] = ()
     auth_root: TrieNode | None = None
     auth_requirements: tuple[AuthRequirement, ...] = ()
+    action_sets: dict[str, MethodSets] = field(default_factory=dict)
+    action_root: TrieNode | None = None
+    action_specs: tuple[Any, ...] = ()
     #: memo: workload SpiffeId -> the rule indices its ID selects (a pure function of the index;
     #: a caller's ID is the same on every request of its connection). Bounded, cleared when full.
     workload_memo: dict = field(default_factory=dict, compare=False, repr=False)
@@ -598,7 +674,8 @@ class PolicyIndex:
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """One compiled policy revision. `trust_domains` are those its workload patterns name;
-    `authentication` the entries of the `authentication` section, in file order."""
+    `authentication` the entries of the `authentication` section, `actions` the compiled
+    `actions` section (`actions.ActionSpec`), both in file order."""
 
     revision: str
     rules: tuple[CompiledRule, ...]
@@ -606,6 +683,7 @@ class CompiledPolicy:
     source: str = ""
     index: PolicyIndex | None = field(default=None, repr=False, compare=False)
     authentication: tuple[AuthEntry, ...] = ()
+    actions: tuple[Any, ...] = ()
 
     def rule(self, rule_id: str) -> CompiledRule | None:
         for r in self.rules:
@@ -636,3 +714,33 @@ class CompiledPolicy:
             if e.route.matches(method, path):
                 return e.requirement
         return DEFAULT_AUTH
+
+    def action_for(self, method: str, path: str) -> Any:
+        """The first action (file order) whose route matches the request: an
+        `actions.ActionSpec`, or None. Indexed like `authentication_for`."""
+        idx = self.index
+        root = idx.action_root if idx is not None else None
+        if root is None or path[:1] != "/":
+            return None
+        best = -1
+        for ms in walk(root, path.split("/"), 1):
+            cand = ms.by_method.get(method, ms.any)
+            if cand:
+                m = min(cand)
+                if best < 0 or m < best:
+                    best = m
+        return None if best < 0 else idx.action_specs[best]  # type: ignore[union-attr]
+
+    def action_linear(self, method: str, path: str) -> Any:
+        """Reference semantics of `action_for`: action by action, first match wins."""
+        for a in self.actions:
+            if a.route.matches(method, path):
+                return a
+        return None
+
+    def action(self, name: str) -> Any:
+        """The action called `name`, or None."""
+        for a in self.actions:
+            if a.name == name:
+                return a
+        return None
