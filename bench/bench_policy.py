@@ -3,8 +3,9 @@
 Usage: python bench/bench_policy.py [--seed N] [--rounds N] [--requests N]
 
 Prints one line per size (median and p90 microseconds per evaluate() call over all requests, the
-median over identical requests, the median over the token-bearing requests alone, the median of
-`authentication_for`, compile time) and the ratio 10,000 / 10 of the medians. The targets set by
+median over identical requests, the median over the token-bearing requests alone, the median
+over the CEL requests alone, the median of `authentication_for` and of `action_for`, compile
+time) and the ratio 10,000 / 10 of the medians. The targets set by
 the performance issue: <= 20 us median at 1,000 rules and a ratio <= 1.5. It also reports how many
 sampled requests `evaluate` and the rule-by-rule reference `evaluate_linear` agree on. A script:
 no asserts, results are printed.
@@ -19,6 +20,12 @@ expense-style agent rule (workload + subjects + actors + claims, `peer_is: actor
 variant (`acr_values`, `max_auth_age_s`, literal bounds: step-up), and the one after a
 token-only rule without workloads (subjects + scopes; it lands in the "any workload" set). The
 `authentication` section has one DPoP entry per agent service plus a `**` default entry.
+CEL: every 10th service (i % 10 == 6) has an action `svcN.expense.submit` (POST
+/svcN/expenses/{expense_id}, a body `amount`, a query `department`) and an allow rule naming it
+with a CEL `when` (`action.params.amount <= 5000.0 && action.params.department ==
+token.claims.department`); its requests (a separate set, `cel_us`, not in the main mix so the
+headline stays comparable with earlier runs) carry the action and its extracted parameters as
+the pipeline would, 70% allowed, 30% not (over the limit, another department, another caller).
 Requests: 70% that match some rule, 30% that do not (unknown caller, unknown path, wrong method);
 requests for token rules carry a verified-token `TokenClaims` and a query (`amount=...`), with the
 same 70/30 split (over the limit, another invoice, weak acr, another agent's token). Identical in
@@ -39,7 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from types import MappingProxyType  # noqa: E402
 
 from proxy.core.model import Actor, RequestContext, TokenClaims  # noqa: E402
-from proxy.core.policy import compile_policy, evaluate, evaluate_linear  # noqa: E402
+from proxy.core.policy import (  # noqa: E402
+    compile_policy,
+    evaluate,
+    evaluate_linear,
+    extract_params,
+)
 from proxy.core.spiffe import parse_spiffe_id  # noqa: E402
 
 SIZES = (10, 1_000, 10_000)
@@ -108,6 +120,15 @@ def generate_policy(n_rules: int, rng: random.Random) -> dict:
                             {"peer_is": "actor", "max_delegation_depth": 1,
                              **_details({"gt": 0, "le": ["max_amount", 5000]})}),
             })
+        elif i % 10 == 6 and i % SERVICES_PER_NAMESPACE != 0:
+            rules.append({
+                "id": f"{svc}-expense-submit",
+                "effect": "allow",
+                "from": {"workloads": [caller]},
+                "to": [{"actions": [f"{svc}.expense.submit"]}],
+                "when": "action.params.amount <= 5000.0 && "
+                        "action.params.department == token.claims.department",
+            })
         elif i % 10 == 5:
             rules.append({
                 "id": f"{svc}-reports",
@@ -145,8 +166,19 @@ def generate_policy(n_rules: int, rng: random.Random) -> dict:
         for r in rules if r["id"].endswith("-agent-approves")
     ]
     authentication.append({"paths": ["/**"], "token": "optional", "binding": "any"})
-    return {"version": 1, "revision": f"bench-{n_rules}", "authentication": authentication,
-            "rules": rules}
+    actions = [
+        {"name": r["to"][0]["actions"][0], "methods": ["POST"],
+         "paths": [f"/{r['id'][:-len('-expense-submit')]}/expenses/{{expense_id}}"],
+         "params": {"expense_id": {"from": "path"},
+                    "amount": {"from": "body", "pointer": "/amount", "type": "number"},
+                    "department": {"from": "query", "type": "string"}}}
+        for r in rules if r["id"].endswith("-expense-submit")
+    ]
+    doc = {"version": 1, "revision": f"bench-{n_rules}", "authentication": authentication,
+           "rules": rules}
+    if actions:
+        doc["actions"] = actions
+    return doc
 
 
 def _token(sub: str, actors: tuple[str, ...] = (), acr: str = "urn:example:pwd",
@@ -189,16 +221,48 @@ def _token_request(rule: dict, rng: random.Random) -> RequestContext:
 
 
 def _ctx(workload: str, method: str, path: str, query: str = "",
-         token: TokenClaims | None = None) -> RequestContext:
+         token: TokenClaims | None = None, action: str | None = None,
+         params: object = MappingProxyType({})) -> RequestContext:
     sid = parse_spiffe_id(workload)
     return RequestContext(workload=sid, workload_uri=str(sid), method=method, path=path,
-                          query=query, token=token)
+                          query=query, token=token, action=action, params=params)
+
+
+def generate_cel_requests(policy, rules: list[dict], count: int,
+                          rng: random.Random) -> list[RequestContext]:
+    """Requests for the CEL rules, with the action and parameters the pipeline would extract."""
+    cel_rules = [r for r in rules if "when" in r]
+    out: list[RequestContext] = []
+    if not cel_rules:
+        return out
+    for _ in range(count):
+        rule = rng.choice(cel_rules)
+        caller = rule["from"]["workloads"][0]
+        svc = rule["id"][:-len("-expense-submit")]
+        path = f"/{svc}/expenses/E-{rng.randrange(10_000)}"
+        amount, department = rng.choice(["120.50", "4800"]), "finance"
+        roll = rng.random()
+        if roll < 0.1:
+            amount = "999999"
+        elif roll < 0.2:
+            department = "sales"
+        elif roll < 0.3:
+            caller = "spiffe://example.org/ns/unknown/sa/stranger"
+        spec = policy.action_for("POST", path)
+        query = f"department={department}"
+        params = extract_params(spec, spec.captures(path), query,
+                                f'{{"amount": {amount}}}'.encode())
+        tok = _token("alice")
+        out.append(_ctx(caller, "POST", path, query, tok, spec.name, params))
+    return out
 
 
 def generate_requests(rules: list[dict], count: int, rng: random.Random) -> list[RequestContext]:
     out = []
     for _ in range(count):
         rule = rng.choice(rules)
+        if "when" in rule:
+            rule = rng.choice([r for r in rules if "when" not in r])
         if "require" in rule or "workloads" not in rule["from"]:
             out.append(_token_request(rule, rng))
             continue
@@ -237,6 +301,15 @@ def measure_auth_once(policy, requests: list[RequestContext]) -> float:
     return (time.perf_counter_ns() - t0) / len(requests) / 1000
 
 
+def measure_action_once(policy, requests: list[RequestContext]) -> float:
+    """Mean microseconds per action_for() call over one pass of all requests."""
+    af = policy.action_for
+    t0 = time.perf_counter_ns()
+    for c in requests:
+        af(c.method, c.path)
+    return (time.perf_counter_ns() - t0) / len(requests) / 1000
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
@@ -253,7 +326,8 @@ def main() -> None:
         compile_ms = (time.perf_counter() - t0) * 1000
         requests = generate_requests(doc["rules"], args.requests, rng)
         tokened = [c for c in requests if c.token is not None]
-        sample = requests[:100] + tokened[:100]
+        cel_requests = generate_cel_requests(policy, doc["rules"], args.requests // 5, rng)
+        sample = requests[:100] + tokened[:100] + cel_requests[:100]
         agree = sum(evaluate(policy, c, now=NOW) == evaluate_linear(policy, c, now=NOW)
                     for c in sample)
         effects: dict[str, int] = {}
@@ -264,7 +338,12 @@ def main() -> None:
         # are identical across sizes: this isolates the cost of the rule count itself.
         same = generate_requests(doc["rules"][:SIZES[0]], args.requests,
                                  random.Random(args.seed + 1))
-        setups[n] = (policy, requests, same, tokened, compile_ms, agree, len(sample), effects)
+        cel_effects: dict[str, int] = {}
+        for c in cel_requests:
+            e = evaluate(policy, c, now=NOW).outcome.effect
+            cel_effects[e] = cel_effects.get(e, 0) + 1
+        setups[n] = (policy, requests, same, tokened, compile_ms, agree, len(sample), effects,
+                     cel_requests, cel_effects)
         for _ in range(5):  # warm-up
             measure_once(policy, requests)
 
@@ -273,32 +352,44 @@ def main() -> None:
     same_samples: dict[int, list[float]] = {n: [] for n in SIZES}
     token_samples: dict[int, list[float]] = {n: [] for n in SIZES}
     auth_samples: dict[int, list[float]] = {n: [] for n in SIZES}
+    cel_samples: dict[int, list[float]] = {n: [] for n in SIZES}
+    action_samples: dict[int, list[float]] = {n: [] for n in SIZES}
     for _ in range(args.rounds):
         for n in SIZES:
             policy, requests, same, tokened = setups[n][:4]
+            cel_requests = setups[n][8]
             samples[n].append(measure_once(policy, requests))
             same_samples[n].append(measure_once(policy, same))
             token_samples[n].append(measure_once(policy, tokened))
             auth_samples[n].append(measure_auth_once(policy, requests))
+            if cel_requests:
+                cel_samples[n].append(measure_once(policy, cel_requests))
+            action_samples[n].append(measure_action_once(policy, requests))
 
     medians, same_medians, token_medians = {}, {}, {}
     print("median_us: requests spread over the whole policy; same_req_us: identical requests "
           f"(drawn from the first {SIZES[0]} rules) at every size; token_us: the token-bearing "
-          "requests alone; auth_us: authentication_for()")
+          "requests alone; cel_us: the CEL-condition requests alone; auth_us: "
+          "authentication_for(); action_us: action_for()")
     print(f"{'rules':>7} {'median_us':>10} {'p90_us':>8} {'same_req_us':>12} {'token_us':>9} "
-          f"{'auth_us':>8} {'compile_ms':>11} {'agree':>9}  token outcomes")
+          f"{'cel_us':>7} {'auth_us':>8} {'action_us':>10} {'compile_ms':>11} {'agree':>9}  "
+          "token outcomes; CEL outcomes")
     for n in SIZES:
-        _p, _r, _s, tokened, compile_ms, agree, total, effects = setups[n]
+        _p, _r, _s, tokened, compile_ms, agree, total, effects, cel_reqs, cel_eff = setups[n]
         med = statistics.median(samples[n])
         p90 = statistics.quantiles(samples[n], n=10)[-1]
         medians[n] = med
         same_medians[n] = statistics.median(same_samples[n])
         token_medians[n] = statistics.median(token_samples[n])
         auth = statistics.median(auth_samples[n])
+        act = statistics.median(action_samples[n])
+        cel_med = statistics.median(cel_samples[n]) if cel_samples[n] else float("nan")
         outcomes = " ".join(f"{k}={v}" for k, v in sorted(effects.items()))
+        cel_out = " ".join(f"{k}={v}" for k, v in sorted(cel_eff.items()))
         print(f"{n:>7} {med:>10.2f} {p90:>8.2f} {same_medians[n]:>12.2f} "
-              f"{token_medians[n]:>9.2f} {auth:>8.2f} {compile_ms:>11.1f} {agree:>5}/{total}  "
-              f"{len(tokened)} requests: {outcomes}")
+              f"{token_medians[n]:>9.2f} {cel_med:>7.2f} {auth:>8.2f} {act:>10.2f} "
+              f"{compile_ms:>11.1f} {agree:>5}/{total}  {len(tokened)} requests: {outcomes}; "
+              f"{len(cel_reqs)} requests: {cel_out}")
     big, small = SIZES[-1], SIZES[0]
     print(f"ratio {big}/{small}: {medians[big] / medians[small]:.2f} spread requests, "
           f"{same_medians[big] / same_medians[small]:.2f} identical requests, "

@@ -6,6 +6,7 @@ Subcommands:
                                       its key path on stderr, exit 2 when there is one
   audit verify FILE [--public-key K]  verify the hash chain and signed checkpoints of an audit log
   bundle build | verify | inspect     signed policy bundles (see proxy/core/bundle.py)
+  control-plane serve | check         the control plane: bundles, revocations, fleet status
   dev ca | svid | keypair             mint throw-away dev CAs, X.509-SVIDs and audit keys
   dev issuer | token | dpop-key | dpop  a dev authorization server: JWKS, access tokens, DPoP proofs
   demo                                run the local mesh demo (what `make demo` does)
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.bundles.cli import register as register_bundle
 
     register_bundle(bsub)
+
+    from proxy.controlplane.cli import register as register_cp
+
+    register_cp(sub)
 
     d = sub.add_parser("dev", help="dev CA, SVIDs and keys for tests and demos (never production)")
     dsub = d.add_subparsers(dest="dev_command", metavar="SUBCOMMAND")

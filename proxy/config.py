@@ -26,6 +26,37 @@ from proxy.core.spiffe import parse_trust_domain
 from proxy.errors import ConfigError, InvalidValue, Problem
 
 ENV_PREFIX = "PORTCULLIS_"
+#: Bounds on a parsed YAML document: values counted after alias expansion (a "billion laughs"
+#: document is a few lines of text; every later step walks and may print it), and nesting.
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+def yaml_document(text: str) -> Any:
+    """`yaml.safe_load`, bounded: raise `ValueError` (a message) for text that is not YAML, is nested
+    deeper than the parser's recursion allows or `MAX_YAML_DEPTH`, or whose aliases expand past
+    `MAX_YAML_VALUES` values. Config and policy documents are a few hundred values."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ValueError("not valid YAML: nested too deeply") from None
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    count = 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ValueError(f"document too large: more than {MAX_YAML_VALUES} values once YAML "
+                             "aliases are expanded")
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"document nested deeper than {MAX_YAML_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((x, depth + 1) for item in value.items() for x in item)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend((x, depth + 1) for x in value)
+    return data
 
 
 def _port(v: int) -> str | None:
@@ -299,8 +330,8 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[Pr
             problems.append(Problem(f"env {name}", "empty key segment"))
             continue
         try:
-            value = yaml.safe_load(env[name]) if env[name] != "" else ""
-        except yaml.YAMLError as exc:
+            value = yaml_document(env[name]) if env[name] != "" else ""
+        except ValueError as exc:
             problems.append(Problem(f"env {name}", f"not a valid YAML value: {exc}"))
             continue
         node = data
@@ -345,9 +376,9 @@ def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None =
                  env: Mapping[str, str] | None = None) -> Config:
     """Parse and validate config text; raise ConfigError with every problem."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+        data = yaml_document(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

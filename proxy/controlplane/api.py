@@ -10,8 +10,9 @@ Every request, in this order (one middleware, so no handler can be reached anoth
 4. The control plane's own policy (`core.policy.evaluate` on a RequestContext of the verified
    SPIFFE ID, method and canonical path) must allow it     else 403 no_matching_rule/denied_by_rule
 5. The handler. Its failures are `ProxyError`s (or the router's 404/405, mapped to ours).
-6. One JSON audit line on stdout for every /v1/ request, every refused request, and (when
-   `audit.bundle_fetches`) every bundle fetch.
+6. One JSON audit line on stdout for every management request and every refused request; allowed
+   bundle fetches and status reports (the fleet's steady traffic) only with
+   `audit.sidecar_requests`.
 
 Endpoints:
   GET  /bundles/{name}                    the current revision, tar.gz, ETag = "<manifest digest>";
@@ -28,9 +29,9 @@ Endpoints:
   GET  /v1/fleet                          every sidecar's last report, its age, stale/behind flags
   GET  /v1/signing-key                    the bundle signing public key (kid, alg, PEM)
 
-Error bodies are rendered by `proxy.runtime.responses.render_error` (the single mapping from
-`ProxyError` to a body: `{<error>: code, "decision_id": request id}`), extended with `problems`
-where a request had several.
+Error bodies are rendered by `proxy.runtime.responses.render_error` (the single mapping from a
+`ProxyError` to a body: a JSON object holding the stable code under `error` and the request id as
+`decision_id`), extended with `problems` ([{file?, path, message}]) where a request had several.
 """
 
 from __future__ import annotations
@@ -197,18 +198,21 @@ def make_app(cp: ControlPlane) -> web.Application:
         loop_time = asyncio.get_running_loop().time
         t0 = loop_time()
         now = cp.clock()
+        policy = cp.policy  # one snapshot per request, also for the audit line
         rid = secrets.token_hex(8)
         audit: dict[str, Any] = {}
         request[AUDIT] = audit
         peer = None
         rule_id = None
         try:
-            peer = verify_svid_chain(peer_chain_der(request.transport), cp.trust, now)
+            transport = request.transport
+            chain = peer_chain_der(transport) if transport is not None else ()
+            peer = verify_svid_chain(chain, cp.trust, now)
             request[PEER] = peer
             target = canonicalize_target(request.raw_path)
             if target.path != request.path:
                 raise BadRequest("invalid_path", "the router would read the path differently")
-            outcome = evaluate(cp.policy, RequestContext(
+            outcome = evaluate(policy, RequestContext(
                 workload=peer.spiffe_id, workload_uri=peer.uri, method=request.method,
                 path=target.path, query=target.query), now=now).outcome
             rule_id = outcome.rule_id
@@ -232,14 +236,15 @@ def make_app(cp: ControlPlane) -> web.Application:
             decision, code, status = err.decision, err.code, err.status
         resp.headers["x-request-id"] = rid
         path = request.path
-        if decision != "allow" or path.startswith("/v1/") or cfg.audit.bundle_fetches:
+        if decision != "allow" or cfg.audit.sidecar_requests or not (
+                path.startswith("/bundles/") or path == "/v1/status"):
             cp.audit({
                 "type": "controlplane_request", "time": now, "request_id": rid,
                 "peer": peer.uri if peer else None,
                 "peer_cert_sha256": peer.cert_sha256_hex if peer else None,
                 "method": request.method, "path": path[:512], "status": status,
                 "decision": decision, "code": code, "rule_id": rule_id,
-                "policy_revision": cp.policy.revision,
+                "policy_revision": policy.revision,
                 "duration_s": round(loop_time() - t0, 6), **audit,
             })
         return resp

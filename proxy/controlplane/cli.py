@@ -78,3 +78,24 @@ def register(subparsers: Any) -> None:
     c = sub.add_parser("check", help="validate a control plane config, its policy, keys and state")
     c.add_argument("file")
     c.set_defaults(func=cmd_check)
+
+
+def main_serve(config: str) -> int:
+    """`portcullis control-plane serve --config <config>` without the top-level parser (bench)."""
+    return cmd_serve(argparse.Namespace(config=config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m proxy.controlplane.cli serve --config FILE` (before the CLI wiring exists)."""
+    parser = argparse.ArgumentParser(prog="portcullis")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["control-plane", *(sys.argv[1:] if argv is None else argv)])
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.parse_args(["control-plane", "--help"])
+        return 2
+    return int(func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -115,7 +115,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
-    bundle_fetches: bool = field(default=False, metadata=meta(doc="also audit allowed GET /bundles/* (denials always are)"))
+    sidecar_requests: bool = field(default=False, metadata=meta(doc="also audit allowed bundle fetches and status reports (denials and management requests always are)"))
 
 
 @dataclass(frozen=True, slots=True)

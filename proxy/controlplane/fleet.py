@@ -3,7 +3,8 @@
 Rules:
 - A report is identified by the reporter's verified mTLS SPIFFE ID, never by anything in the body.
 - The body is validated with `core.schema` (unknown keys and wrong types are 400 with every
-  problem); `last_success` is POSIX seconds; `last_error` and `version` are bounded strings.
+  problem); `last_success` is POSIX seconds; `last_error` and `version` are kept to
+  `MAX_TEXT_CHARS` (a long error message is cut, never a reason to lose the report).
 - Reports live in memory only (a restarted control plane learns the fleet again within one report
   interval). At most `max_reporters` are kept; the least recently reporting one is forgotten first.
 - A report older than `stale_after_s` is flagged `stale`; a sidecar whose active revision is lower
@@ -13,17 +14,18 @@ Rules:
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from proxy.controlplane.config import BUNDLE_NAME
 from proxy.core.schema import meta
 
-MAX_TEXT_CHARS = 1024
+MAX_TEXT_CHARS = 1024  # kept of `last_error` / `version` (longer values are cut, not refused)
+MAX_INPUT_CHARS = 65536
 
 
 def _bounded(v: str) -> str | None:
-    return None if len(v) <= MAX_TEXT_CHARS else f"longer than {MAX_TEXT_CHARS} characters"
+    return None if len(v) <= MAX_INPUT_CHARS else f"longer than {MAX_INPUT_CHARS} characters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,10 @@ class Fleet:
         return len(self._entries)
 
     def report(self, spiffe_id: str, report: StatusReport, now: float) -> None:
+        cut = MAX_TEXT_CHARS
+        if len(report.last_error or "") > cut or len(report.version or "") > cut:
+            report = replace(report, last_error=report.last_error and report.last_error[:cut],
+                             version=report.version and report.version[:cut])
         self._entries.pop(spiffe_id, None)
         self._entries[spiffe_id] = _Entry(report, now)
         while len(self._entries) > self.max_reporters:

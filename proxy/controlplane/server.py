@@ -164,6 +164,7 @@ class ControlPlane:
         if self.store is None:
             self.load()
         assert self.store is not None
+        self.store.lock_state()
         await self.store.start(self._todo)
         self._todo = []
         await self.store.refresh_expiring(self.clock())
@@ -206,6 +207,8 @@ class ControlPlane:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.store is not None:
+            self.store.unlock_state()
 
     async def run(self, *, install_signals: bool = True) -> None:
         stop = asyncio.Event()

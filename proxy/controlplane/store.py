@@ -19,6 +19,7 @@ Rules:
   one that does not verify stops the start (never served, never re-signed).
 - Long polling: each bundle has an `asyncio.Event` that is set (and replaced) on every new
   revision, so one publish wakes every waiting request at once, without polling.
+- One process owns a state directory (`flock` on `<state>/.lock` while serving).
 - Publishes of one bundle are serialised by a per-bundle lock; the CPU and disk work runs in a
   worker thread so the event loop keeps serving.
 """
@@ -26,6 +27,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import io
 import json
 import logging
@@ -33,6 +35,7 @@ import os
 import re
 import tarfile
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +273,7 @@ class BundleSlot:
         self.changed = asyncio.Event()
         self.lock = asyncio.Lock()
         self.waiting = 0  # long polls parked on `changed` (status, tests, bench)
+        self.refresh_failed_for: int | None = None  # revision whose re-signing was rejected
 
     def install(self, rev: Revision) -> None:
         """Serve `rev` and wake every long poll waiting on the previous revision."""
@@ -299,8 +303,27 @@ class BundleStore:
         self.clock = clock
         self.slots = {b.name: BundleSlot(b, self.root / b.name) for b in bundles}
         self.closing = False
+        self._lock_fd: int | None = None
 
     # -- start ---------------------------------------------------------------------------------
+
+    def lock_state(self) -> None:
+        """Take the state directory for this process (`flock` on `<state>/.lock`): two control
+        planes writing one state directory could hand out one revision number twice."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root.parent / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError([Problem("state.dir", f"{self.root.parent} is in use by another "
+                                                    "control plane process")]) from None
+        self._lock_fd = fd
+
+    def unlock_state(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def load(self) -> list[tuple[str, str]]:
         """Read every bundle's state (blocking; call before serving). Returns the work to do
@@ -311,7 +334,7 @@ class BundleStore:
         for name, slot in self.slots.items():
             try:
                 action = self._load_slot(slot)
-            except (OSError, BundleError, ValueError) as exc:
+            except (OSError, BundleError, ValueError, KeyError, TypeError) as exc:
                 problems.append(Problem(f"state {slot.dir}", str(exc)))
                 continue
             if action:
@@ -321,7 +344,13 @@ class BundleStore:
         return todo
 
     def _load_slot(self, slot: BundleSlot) -> str | None:
-        slot.dir.mkdir(parents=True, exist_ok=True)
+        if not slot.dir.exists():  # created by the first publish (`check` writes nothing)
+            return "initial" if slot.cfg.source_dir else None
+        cutoff = time.time() - 3600  # temp files of writes a crash interrupted (not a live one)
+        for e in os.scandir(slot.dir):
+            if e.name.startswith(".") and ".tmp-" in e.name and e.is_file(follow_symlinks=False) \
+                    and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(e.path)
         latest = slot.dir / "latest.json"
         floor = 0
         if latest.exists():
@@ -377,7 +406,13 @@ class BundleStore:
             slot = self.slots[name]
             if action == "resign":
                 assert slot.current is not None
-                await self.publish(name, slot.current.files, origin="resign", by=None)
+                try:
+                    await self.publish(name, slot.current.files, origin="resign", by=None)
+                except PublishRejected as exc:
+                    raise ConfigError([Problem(f"state {slot.dir}",
+                                               f"cannot re-sign revision {slot.current.revision}:"
+                                               f" {p['file']}: {p['path']}: {p['message']}")
+                                       for p in exc.problems]) from None
             elif action == "initial":
                 skipped: list[str] = []
                 try:
@@ -406,6 +441,7 @@ class BundleStore:
         cur = slot.current
         return {"bundle": name, "current": None if cur is None else cur.meta(),
                 "kid": self.kid, "keep_revisions": self.keep,
+                "long_polls_waiting": slot.waiting,
                 "revisions": list(reversed(slot.history))}
 
     async def wait_change(self, slot: BundleSlot, seen: Revision | None, timeout: float) -> bool:
@@ -528,10 +564,17 @@ class BundleStore:
         out = []
         for name, slot in self.slots.items():
             cur, ttl = slot.current, slot.cfg.expires_after_s
-            if cur is None or ttl <= 0:
+            if cur is None or ttl <= 0 or slot.refresh_failed_for == cur.revision:
                 continue
             if cur.expires_at is None or cur.expires_at - now <= ttl / 2:
-                out.append(await self.publish(name, cur.files, origin="refresh", by=None))
+                try:
+                    out.append(await self.publish(name, cur.files, origin="refresh", by=None))
+                except PublishRejected as exc:  # e.g. a stricter compiler: say so once
+                    slot.refresh_failed_for = cur.revision
+                    log.error("bundle %s: cannot re-sign revision %d before it expires: %s",
+                              name, cur.revision, "; ".join(
+                                  f"{p['file']}: {p['path']}: {p['message']}"
+                                  for p in exc.problems))
         return out
 
 

@@ -936,7 +936,15 @@ class Condition:
                 v = resolve(ref)
                 if v is not MISSING:
                     act[name] = v
-            r = self.program.execute(act)
+        except Exception as exc:  # noqa: BLE001 - a failing resolver is an error result
+            return f"{type(exc).__name__}: {exc}"
+        return self.execute(act)
+
+    def execute(self, activation: dict[str, Any]) -> bool | str:
+        """Run the program on an activation of flat variables (`names` -> value; a missing
+        one is an undefined variable): True / False, or an error message. Never raises."""
+        try:
+            r = self.program.execute(activation)
         except Exception as exc:  # noqa: BLE001 - any runtime failure is an error result
             return self._error(exc)
         if r is True or r is False:
@@ -944,7 +952,7 @@ class Condition:
         return f"the condition returned {type(r).__name__} {str(r)[:40]!r}, not a bool"
 
     def _error(self, exc: Exception) -> str:
-        msg = _first_line(str(exc)).split(". Check ")[0]
+        msg = _first_line(str(exc)).split(". Check ")[0].split(". CEL does not")[0]
         m = re.match(r"Undefined variable or function: '([^']*)'", msg)
         if m is not None and m.group(1) in self.names:
             return f"no value for {self.refs[self.names.index(m.group(1))].text}"

@@ -59,6 +59,22 @@ def load_public_keys(paths: tuple[str, ...]) -> list[Any]:
     return keys
 
 
+def expect_server_id(ctx: ssl.SSLContext, spiffe_id: str) -> None:
+    """Make every handshake of `ctx` fail unless the server's certificate carries exactly this
+    SPIFFE ID as its one URI SAN (the chain itself is verified by OpenSSL against our bundles)."""
+
+    class _Checked(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            cert = self.getpeercert() or {}
+            uris = [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+            if uris != [spiffe_id]:
+                raise ssl.SSLCertVerificationError(
+                    f"control plane presented {uris}, expected {spiffe_id}")
+
+    ctx.sslobject_class = _Checked
+
+
 def compile_bundle(vb: VerifiedBundle, *, name: str, trust_domains: frozenset[str]
                    ) -> tuple[CompiledPolicy, Revocations]:
     """The policy and revocations of a verified bundle. The bundle revision is the policy revision
@@ -205,6 +221,8 @@ class BundleSource:
     async def start_remote(self, ssl_context: ssl.SSLContext) -> None:
         import aiohttp
 
+        if self.cfg.server_id is not None:
+            expect_server_id(ssl_context, self.cfg.server_id)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=2),
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s + self.cfg.long_poll_s))
@@ -239,7 +257,6 @@ class BundleSource:
         now = time.time()
         try:
             async with self._session.get(self.cfg.url, headers=headers, allow_redirects=False) as r:
-                self._check_server(r)
                 if r.status == 304:
                     self._ok(time.time(), "unchanged")
                     await self._report()
@@ -266,16 +283,6 @@ class BundleSource:
             self.on_change()
         await self._report()
         return "changed" if changed else "unchanged"
-
-    def _check_server(self, resp) -> None:
-        if self.cfg.server_id is None:
-            return
-        sslobj = resp.connection.transport.get_extra_info("ssl_object") if resp.connection else None
-        cert = sslobj.getpeercert() if sslobj is not None else None
-        uris = [v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"]
-        if uris != [self.cfg.server_id]:
-            raise BundleError("bundle_server_identity",
-                              f"control plane presented {uris}, expected {self.cfg.server_id}")
 
     async def _report(self) -> None:
         if not self.cfg.report_status or self._session is None or self.cfg.url is None:

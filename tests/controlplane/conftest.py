@@ -31,13 +31,17 @@ OTHER_NS_ID = f"spiffe://{TD}/ns/billing/sa/api"  # may report status, may not f
 
 
 class Clock:
-    """An injectable clock: real time plus a settable offset."""
+    """An injectable clock: real time plus a settable offset, or frozen at one instant."""
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self.frozen: float | None = None
+
+    def freeze(self) -> None:
+        self.frozen = time.time()
 
     def __call__(self) -> float:
-        return time.time() + self.offset
+        return (time.time() if self.frozen is None else self.frozen) + self.offset
 
 
 def key_pem(key) -> bytes:

@@ -215,6 +215,16 @@ async def test_restart_reloads_every_bundle_at_its_latest_revision(env: CpEnv):
     assert (await _publish(cp2, "after-restart"))["revision"] == 3
 
 
+async def test_a_second_control_plane_cannot_serve_the_same_state_directory(env: CpEnv):
+    await env.start()
+    rc = env.make()
+    rc.cp.load()
+    with pytest.raises(ConfigError) as exc:
+        await rc.cp.start()
+    assert "in use by another control plane process" in str(exc.value)
+    await rc.cp.stop()
+
+
 async def test_a_state_directory_that_lost_its_newest_revision_is_refused(env: CpEnv):
     cp = await env.start()
     await _publish(cp, "newest")

@@ -26,6 +26,7 @@ from proxy.core.policy import (
     compile_policy,
     evaluate,
     evaluate_linear,
+    extract_params,
 )
 from proxy.core.policy.params import (
     AMBIGUOUS,
@@ -283,52 +284,61 @@ def _alice(**over: Any) -> TokenClaims:
 
 
 def test_example_expense_assistant() -> None:
+    """The expense example end to end through the core API (the full table of cases is
+    config/policy-tests/expense.yaml, run by tests/test_policy_cli.py)."""
     policy = compile_policy(yaml.safe_load(EXAMPLE.read_text()), source=str(EXAMPLE),
                             known_trust_domains=frozenset({"example.org"}))
 
-    def decide(query: str, token: TokenClaims | None = None, *, invoice: str = "INV-8831",
-               workload: str = AGENT) -> Outcome:
-        c = make_ctx(workload, "POST", f"/api/invoices/{invoice}/approve", query,
-                     token if token is not None else _alice())
+    def decide(amount: str, token: TokenClaims | None = None, *, invoice: str = "INV-8831",
+               department: str = "finance", workload: str = AGENT) -> Outcome:
+        path = f"/api/invoices/{invoice}/approve"
+        spec = policy.action_for("POST", path)
+        assert spec is not None and spec.name == "invoice.approve" and spec.needs_body
+        query = f"department={department}"
+        params = extract_params(spec, spec.captures(path), query,
+                                f'{{"amount": {amount}}}'.encode())
+        c = make_ctx(workload, "POST", path, query, token if token is not None else _alice())
+        c = c._replace(action=spec.name, params=params)
         verdict = evaluate(policy, c, now=1_000_000.0)
         assert verdict == evaluate_linear(policy, c, now=1_000_000.0)
         return verdict.outcome
 
     approve = "expense-agent-approves-invoice"
     large = "expense-agent-approves-large-invoice"
-    assert decide("amount=4800") == Outcome("allow", "allowed", approve)
-    assert decide("amount=5000") == Outcome("allow", "allowed", approve)
-    # someone else's invoice, or an amount beyond any rule
-    assert decide("amount=4800", invoice="INV-9999").code == "no_matching_rule"
-    assert decide("amount=999999").code == "no_matching_rule"
+    over = "invoice-over-10000-needs-two-approvals"
+    assert decide("4800") == Outcome("allow", "allowed", approve)
+    assert decide("5000.00") == Outcome("allow", "allowed", approve)
+    # someone else's invoice, another department, an amount beyond any rule
+    assert decide("4800", invoice="INV-9999").code == "no_matching_rule"
+    assert decide("4800", department="sales").code == "no_matching_rule"
+    assert decide("999999") == Outcome("deny", "denied_by_rule", over)
     # above 5,000: step up to MFA; with MFA allowed; above 10,000: denied (two approvals: later)
-    assert decide("amount=7500") == Outcome("step_up", "step_up_required", large,
-                                            ("urn:example:mfa",))
-    assert decide("amount=7500", _alice(acr="urn:example:mfa")) == \
-        Outcome("allow", "allowed", large)
-    assert decide("amount=10001", _alice(acr="urn:example:mfa")).code == "no_matching_rule"
+    assert decide("7000") == Outcome("step_up", "step_up_required", large, ("urn:example:mfa",))
+    assert decide("7000", _alice(acr="urn:example:mfa")) == Outcome("allow", "allowed", large)
+    assert decide("10000.01", _alice(acr="urn:example:mfa")) == \
+        Outcome("deny", "denied_by_rule", over)
     # the user's consent caps the amount below the policy's limits
     capped = _alice(details=[{"type": "invoice_approval", "invoice_id": "INV-8831",
                               "max_amount": 3000}])
-    assert decide("amount=4800", capped).code == "no_matching_rule"
-    # another department, another issuer, another agent using Alice's token, a deeper chain
-    assert decide("amount=4800", _alice(claims={"department": "sales"})).effect == "deny"
-    assert decide("amount=4800", _alice(iss="https://idp.evil.org")).effect == "deny"
-    assert decide("amount=4800", _alice(actors=["spiffe://example.org/agents/other"]),
+    assert decide("4800", capped).code == "no_matching_rule"
+    # the user's department, another issuer, another agent using Alice's token, a deeper chain
+    assert decide("4800", _alice(claims={"department": "sales"})).effect == "deny"
+    assert decide("4800", _alice(claims={})).effect == "deny"
+    assert decide("4800", _alice(iss="https://idp.evil.org")).effect == "deny"
+    assert decide("4800", _alice(actors=["spiffe://example.org/agents/other"]),
                   workload="spiffe://example.org/agents/other").effect == "deny"
-    assert decide("amount=4800", _alice(actors=["spiffe://example.org/agents/other"])
+    assert decide("4800", _alice(actors=["spiffe://example.org/agents/other"])
                   ).effect == "deny"
-    assert decide("amount=4800", _alice(actors=[AGENT, "spiffe://example.org/agents/x"])
+    assert decide("4800", _alice(actors=[AGENT, "spiffe://example.org/agents/x"])
                   ).effect == "deny"
-    # a smuggled second amount
-    assert decide("amount=4800&amount=999999").effect == "deny"
     # no token at all
-    no_token = make_ctx(AGENT, "POST", "/api/invoices/INV-8831/approve", "amount=4800")
+    no_token = make_ctx(AGENT, "POST", "/api/invoices/INV-8831/approve", "department=finance")
     assert evaluate(policy, no_token).outcome.code == "no_matching_rule"
     # the route needs a DPoP-bound token; other routes keep the defaults
     assert policy.authentication_for("POST", "/api/invoices/INV-8831/approve") == \
         AuthRequirement("required", "dpop", 0)
     assert policy.authentication_for("GET", "/api/invoices/INV-8831") == DEFAULT_AUTH
+    assert policy.action_for("GET", "/api/invoices/INV-8831/approve") is None
 
 
 # ---- parameters and numbers ---------------------------------------------------------------------

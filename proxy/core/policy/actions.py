@@ -254,9 +254,7 @@ def _parse_body(spec: ActionSpec, body: bytes | None, content_type: str | None) 
     if not json_depth_ok(body, MAX_JSON_DEPTH):
         raise BadRequest("json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
     try:
-        text = body.decode("utf-8")
-        return json.loads(text, parse_float=Decimal, parse_constant=_no_constant,
-                          object_pairs_hook=_object)
+        return _DECODER.decode(body.decode("utf-8"))
     except _Duplicate as exc:
         raise BadRequest("invalid_json_body", f"duplicate member name {exc.args[0]!r:.80}") \
             from None
@@ -283,6 +281,10 @@ def _object(pairs: list[tuple[str, Any]]) -> Mapping[str, Any]:
                 raise _Duplicate(k)
             seen.add(k)
     return MappingProxyType(d)
+
+
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_constant=_no_constant,
+                            object_pairs_hook=_object)
 
 
 def is_json_media_type(content_type: str) -> bool:
@@ -320,9 +322,10 @@ def _pointer(doc: Any, tokens: tuple[str, ...]) -> Any:
     """RFC 6901 evaluation; `_ABSENT` when a member or index does not exist."""
     node = doc
     for tok in tokens:
-        if isinstance(node, Mapping):
+        t = type(node)
+        if t is MappingProxyType:
             node = node.get(tok, _ABSENT)
-        elif type(node) is list or type(node) is tuple:
+        elif t is list or t is tuple:
             if not tok.isdigit() or not tok.isascii() or (len(tok) > 1 and tok[0] == "0"):
                 return _ABSENT  # "-" (past the end) and non-indexes point at nothing
             k = int(tok)

@@ -257,6 +257,7 @@ def compile_policy(
     if "actions" in doc:
         actions = _compile_actions(doc["actions"], problems)
     actions_by_name = {a.name: a for a in actions}
+    all_param_types = _action_param_types(actions)
 
     rules: list[CompiledRule] = []
     raw_rules = doc.get("rules")
@@ -271,7 +272,7 @@ def compile_policy(
         first_seen: dict[str, int] = {}
         for i, raw in enumerate(raw_rules):
             rule = _compile_rule(raw, i, join("rules", i), problems, known_trust_domains,
-                                 actions_by_name)
+                                 actions_by_name, all_param_types)
             # Duplicates are checked on the raw id, so they are reported even for broken rules.
             rule_id = raw.get("id") if isinstance(raw, Mapping) else None
             if isinstance(rule_id, str):
@@ -315,8 +316,8 @@ def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], path: str,
 
 def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
                   known_tds: frozenset[str] | None,
-                  actions_by_name: Mapping[str, ActionSpec] | None = None
-                  ) -> CompiledRule | None:
+                  actions_by_name: Mapping[str, ActionSpec] | None = None,
+                  all_param_types: Mapping[str, Any] | None = None) -> CompiledRule | None:
     if not isinstance(raw, Mapping):
         problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
         return None
@@ -386,9 +387,10 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
     sources = ParamSource.of(tuple(routes))
     when = None
     if "when" in raw:
+        param_types = _action_param_types(rule_actions) if action_names \
+            else (all_param_types or {})
         when = _compile_when(raw["when"], join(path, "when"), problems, routes, sources,
-                             rule_actions if action_names else tuple(known_actions.values()),
-                             bool(action_names))
+                             param_types, bool(action_names))
 
     if head is None or len(problems) > before:
         return None
@@ -453,13 +455,13 @@ def _action_param_types(actions: tuple[ActionSpec, ...]) -> dict[str, Any]:
 
 
 def _compile_when(raw: Any, path: str, problems: list[Problem], routes: list[Route],
-                  sources: tuple[ParamSource, ...], actions: tuple[ActionSpec, ...],
+                  sources: tuple[ParamSource, ...], param_types: Mapping[str, Any],
                   own_actions: bool) -> When | None:
     if not isinstance(raw, str) or not raw.strip():
         problems.append(Problem(path, "must be a non-empty CEL expression (a string)"))
         return None
     captures = tuple(dict.fromkeys(c for r in routes for t in r.paths for c in t.params))
-    env = rule_env(captures, _action_param_types(actions))
+    env = rule_env(captures, param_types)
     try:
         condition = cel.compile_condition(raw, env)
     except cel.CelCompileError as exc:
@@ -503,6 +505,7 @@ def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...
         problems.append(Problem(path, "must not be empty (omit the section)"))
         return ()
     out: list[ActionSpec] = []
+    earlier = _ShadowIndex()
     first_seen: dict[str, int] = {}
     for i, item in enumerate(raw):
         apath = join(path, i)
@@ -539,14 +542,40 @@ def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...
             continue
         spec = ActionSpec(name=name, index=i, route=route, params=params,
                           max_body_bytes=max_body, description=description)
-        shadowed_by = _shadowed_by(route, out)  # type: ignore[arg-type]
+        shadowed_by = _shadowed_by(route, earlier.candidates(route))  # type: ignore[arg-type]
         if shadowed_by:
             names = ", ".join(f"actions[{k}]" for k in shadowed_by)
             problems.append(Problem(apath, f"can never match: every request it covers is "
                                            f"matched first by {names} (first match wins)"))
             continue
         out.append(spec)
+        earlier.add(spec)
     return tuple(out)
+
+
+class _ShadowIndex:
+    """Earlier entries by the first segment of their templates, so that the shadowing check of
+    a section of n entries is not n * n template comparisons: an earlier template can only cover
+    one whose first segment is a literal equal to its own, unless its own is a wildcard."""
+
+    def __init__(self) -> None:
+        self.by_first: dict[str, list[Any]] = {}
+        self.wild: list[Any] = []
+
+    def add(self, entry: Any) -> None:
+        firsts = {t.segments[0] for t in entry.route.paths}
+        if any(f == REST or _is_one(f) for f in firsts):
+            self.wild.append(entry)
+        else:
+            for f in firsts:
+                self.by_first.setdefault(f, []).append(entry)
+
+    def candidates(self, route: Route) -> list[Any]:
+        found = {e.index: e for e in self.wild}
+        for t in route.paths:
+            for e in self.by_first.get(t.segments[0], ()):
+                found[e.index] = e
+        return [found[k] for k in sorted(found)]
 
 
 def _compile_params(raw: Any, present: bool, path: str, route: Route | None,

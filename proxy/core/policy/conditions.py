@@ -80,13 +80,18 @@ class When:
 
     condition: Condition
     sources: tuple[ParamSource, ...] = ()
-    #: computed: memo keys
+    #: computed: memo keys, and per flat variable (name, value function) -- `resolve` with
+    #: the dispatch done once at load
     key: str = field(default="", init=False)
     sources_key: str = field(default="", init=False)
+    plans: tuple[tuple[str, Any], ...] = field(default=(), init=False, repr=False,
+                                               compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", "w:" + repr((self.condition.source, self.sources)))
         object.__setattr__(self, "sources_key", "pc:" + repr(self.sources))
+        object.__setattr__(self, "plans", tuple(
+            (name, _plan(ref)) for name, ref in zip(self.condition.names, self.condition.refs)))
 
     @property
     def source(self) -> str:
@@ -100,8 +105,17 @@ class When:
             memo = {}
         got = memo.get(self.key)
         if got is None:
-            got = memo[self.key] = self.condition.run(
-                lambda ref: resolve(ref, ctx, now, memo, self))  # type: ignore[arg-type]
+            act = {}
+            try:
+                for name, value in self.plans:
+                    v = value(ctx, now, memo, self)
+                    if v is not MISSING:
+                        act[name] = v
+            except Exception as exc:  # noqa: BLE001 - never raise from a decision
+                got = f"{type(exc).__name__}: {exc}"
+            else:
+                got = self.condition.execute(act)
+            memo[self.key] = got
         return got
 
 
@@ -110,9 +124,56 @@ class When:
 # ------------------------------------------------------------------------------------------------
 
 
+def _plan(ref: Ref) -> Callable[[RequestContext, float | None, dict[str, Any], When], Any]:
+    """`resolve` for one reference, specialised at load."""
+    getters = _GETTERS.get(ref.root)
+    steps = ref.steps
+    if getters is None or not steps or (ref.has and len(steps) == 1) or \
+            steps[0] not in getters:
+        return lambda ctx, now, memo, w: resolve(ref, ctx, now, memo, w)
+    get = getters[steps[0]]  # type: ignore[index]
+    rest = steps[1:]
+    if ref.has:
+        parents, last = rest[:-1], rest[-1]
+
+        def has_value(ctx: RequestContext, now: Any, memo: dict[str, Any], w: When) -> Any:
+            v = get(ctx, memo, w)
+            for s in parents:
+                if v is MISSING:
+                    return MISSING
+                v = _step(v, s)
+            t = type(v)
+            if t is MappingProxyType or t is dict or isinstance(v, abc.Mapping):
+                return last in v
+            return MISSING
+        return has_value
+    if not rest:
+        def field_value(ctx: RequestContext, now: Any, memo: dict[str, Any], w: When) -> Any:
+            v = get(ctx, memo, w)
+            return MISSING if v is MISSING else to_cel(v)
+        return field_value
+    if len(rest) == 1:
+        key = rest[0]
+
+        def key_value(ctx: RequestContext, now: Any, memo: dict[str, Any], w: When) -> Any:
+            v = _step(get(ctx, memo, w), key)
+            return MISSING if v is MISSING else to_cel(v)
+        return key_value
+
+    def path_value(ctx: RequestContext, now: Any, memo: dict[str, Any], w: When) -> Any:
+        v = get(ctx, memo, w)
+        for s in rest:
+            if v is MISSING:
+                return MISSING
+            v = _step(v, s)
+        return MISSING if v is MISSING else to_cel(v)
+    return path_value
+
+
 def resolve(ref: Ref, ctx: RequestContext, now: float | None, memo: dict[str, Any],
             when: When) -> Any:
-    """The CEL value of one flat reference, or MISSING."""
+    """The CEL value of one flat reference, or MISSING (the reference semantics; `_plan`
+    specialises the common shapes)."""
     getters = _GETTERS.get(ref.root)
     steps = ref.steps
     if getters is None:  # `now`, the one variable that is not an object
@@ -144,10 +205,15 @@ def resolve(ref: Ref, ctx: RequestContext, now: float | None, memo: dict[str, An
 
 
 def _step(value: Any, step: str | int) -> Any:
-    if isinstance(value, abc.Mapping):
+    t = type(value)
+    if t is MappingProxyType or t is dict:
         return value.get(step, MISSING)
-    if type(step) is int and (type(value) is tuple or type(value) is list):
-        return value[step] if 0 <= step < len(value) else MISSING
+    if t is tuple or t is list:
+        if type(step) is int and 0 <= step < len(value):
+            return value[step]
+        return MISSING
+    if value is not MISSING and isinstance(value, abc.Mapping):
+        return value.get(step, MISSING)
     return MISSING
 
 
@@ -223,7 +289,8 @@ def _tok_actors(ctx: RequestContext, _m: Any, _w: Any) -> Any:
 
 def _action_params(ctx: RequestContext, _m: Any, _w: Any) -> Any:
     p = ctx.params
-    return p if isinstance(p, abc.Mapping) else MISSING
+    t = type(p)
+    return p if t is MappingProxyType or t is dict or isinstance(p, abc.Mapping) else MISSING
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})

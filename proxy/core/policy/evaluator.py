@@ -6,6 +6,8 @@ Semantics (the reference is `evaluate_linear`, which tests compare `evaluate` ag
   (or the route has none), the canonical path matches one of that route's templates, and the
   workload SPIFFE ID matches one of its `from.workloads` patterns (trust domain equal; path
   segments as in templates) — or the rule has no `from.workloads`.
+- A rule's `to` also matches when `ctx.action` (set by the pipeline from
+  `CompiledPolicy.action_for`) is one of the actions it names.
 - Its token selectors (`from.subjects`, `actors`, `clients`, `scopes`, `acr`, `amr`, `claims`)
   and requirements (`require`) need a verified token (`ctx.token`): without one the rule does not
   match. Each rule then decides NO, MATCH, or (allow rules with `require.acr_values` /
@@ -13,6 +15,8 @@ Semantics (the reference is `evaluate_linear`, which tests compare `evaluate` ag
   `acr_values`, or its `auth_time` is missing or older than `now - max_auth_age_s`. A rule with
   `max_auth_age_s` evaluated without `now` is NO (fail closed). Failures of `peer_is`,
   `max_delegation_depth` and `authorization_details` are NO (see `model.Requirements`).
+- Then its `when` condition (CEL, `conditions`): true keeps the result, false is NO, an
+  evaluation error is NO for an allow rule and MATCH for a deny rule (fail closed both ways).
 - Enforced outcome, from non-shadow rules only: any matching deny ->
   Outcome("deny", "denied_by_rule", <first matching deny id in file order>); else any matching
   allow -> Outcome("allow", "allowed", <first matching allow id>); else any allow rule at STEP_UP
@@ -38,8 +42,14 @@ How it is fast (the policy's `PolicyIndex`, built once by the compiler):
    residual check (`CompiledRule.residual`) on these few candidates only. Verdicts without a
    shadow difference are precomputed, so the common path allocates only the trie walk's small
    lists.
+   A request that is a policy action (`ctx.action`) also takes the rules naming that action in
+   `to`: one more candidate set (`PolicyIndex.action_sets`), one dict lookup.
+4. CEL `when` conditions are part of the residual check (`CompiledRule.residual_when`), so a
+   compiled program runs only for rules the index already selected and whose token selectors
+   and requirements held; its result is memoised per evaluation. A condition that is false is
+   NO; one that errors is NO for an allow rule and MATCH for a deny rule (fail closed).
 The cost depends on the trie depth and on how many rules actually match, not on the rule count.
-Later condition kinds (actions, CEL `when`) are residual checks too.
+`explain.explain` re-checks the rules part by part for a trace; this path is not involved.
 """
 
 from __future__ import annotations
@@ -208,3 +218,19 @@ def evaluate_linear(policy: CompiledPolicy, ctx: RequestContext, *,
         return Verdict(enforced)
     would_be = decide_linear(policy.rules, ctx, now)
     return Verdict(enforced, None if would_be == enforced else would_be)
+
+
+def candidates(policy: CompiledPolicy, ctx: RequestContext) -> frozenset[int]:
+    """The indices of the rules the index selects for `ctx` (route or action, and workload)
+    before any residual check: what `evaluate` looks at. For `explain`, not the hot path."""
+    idx = policy.index
+    if idx is None or ctx.path[:1] != "/":
+        return _EMPTY
+    w = _workload_rules(idx, ctx.workload) | idx.any_workload
+    terminals = walk(idx.path_root, ctx.path.split("/"), 1)
+    if ctx.action is not None and ctx.action in idx.action_sets:
+        terminals.append(idx.action_sets[ctx.action])
+    out: set[int] = set()
+    for ms in terminals:
+        out |= w & ms.by_method.get(ctx.method, ms.any)
+    return frozenset(out)
