@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv system-deps bench clean
+.PHONY: demo test test-fast venv system-deps bench clean fuzz fuzz-short
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ demo: venv system-deps
 
 bench: venv
 	$(PY) bench/run.py
+
+# Coverage-guided fuzzing (atheris) of every parser the sidecar owns, each harness for a bounded
+# time; loopback only. See fuzz/README.md. The hypothesis properties in tests/fuzz run in `make test`.
+fuzz: venv
+	$(PY) -m pip install -q atheris
+	$(PY) fuzz/run.py --seconds 60
+
+fuzz-short: venv
+	$(PY) -m pip install -q atheris
+	$(PY) fuzz/run.py --seconds 10
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -7,6 +7,7 @@ Subcommands:
   audit verify FILE [--public-key K]  verify the hash chain and signed checkpoints of an audit log
   bundle build | verify | inspect     signed policy bundles (see proxy/core/bundle.py)
   control-plane serve | check         the control plane: bundles, revocations, fleet status
+  policy test DIR | explain           run policy test cases (like `opa test`); explain one decision
   dev ca | svid | keypair             mint throw-away dev CAs, X.509-SVIDs and audit keys
   dev issuer | token | dpop-key | dpop  a dev authorization server: JWKS, access tokens, DPoP proofs
   demo                                run the local mesh demo (what `make demo` does)
@@ -160,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     from proxy.bundles.cli import register as register_bundle
 
     register_bundle(bsub)
+
+    from proxy.policytools.cli import register as register_policy
+
+    register_policy(sub)
 
     from proxy.controlplane.cli import register as register_cp
 

@@ -146,6 +146,21 @@ def _seal_bytes(body: dict) -> tuple[bytes, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def params_digest(params: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of an action's parameters in canonical form (Decimal values as their exact
+    decimal string): audit records name the parameters an action was decided on without
+    copying values that may be personal or secret."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict) or isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, (str, bool)) or v is None or (isinstance(v, int) and abs(v) < 2 ** 53):
+            return v
+        return str(v)  # Decimal, big ints, anything exotic: exact text
+    return sha256(canonical(plain(dict(params)))).hexdigest()
+
+
 def format_time(now: float) -> str:
     """RFC 3339 UTC with milliseconds, as audit records use: `2026-11-28T14:00:00.123Z`."""
     ms = round(now * 1_000_000) // 1000  # whole microseconds first: 0.123 must not print .122

@@ -183,6 +183,8 @@ class Decision(NamedTuple):
     obligations: Obligations = Obligations()
     token: TokenClaims | None = None
     binding: Binding | None = None
+    action: str | None = None  # the policy action, when the request is one
+    params: Mapping[str, Any] | None = None  # its parameters (audited as a digest)
 
     @property
     def allowed(self) -> bool:

@@ -12,6 +12,8 @@ Order (DESIGN.md section 3):
   6. the DPoP proof (`core.dpop`, RFC 9449 4.3 order), then the binding of the token to this
      presenter (DPoP key or mTLS certificate, RFC 8705)                 -> 401 DPoPError/TokenError
   6b. revocations from the policy bundle (workload, actors, subject, client, jti) -> 403 / 401
+  6c. the policy action this request is, and its typed parameters (path, query, and — only for
+      actions that need it — the JSON body the listener buffered, bounded by `body_limit`) -> 400
   7. the policy decision (deny overrides allow; nothing matched = deny; an allow rule that only
      lacks a strong or fresh enough authentication = step-up)           -> Decision / 401 RFC 9470
   8. mode: enforce -> as decided; shadow (global) -> a denial or step-up is let through and
@@ -36,6 +38,7 @@ from typing import NamedTuple
 from proxy.core.bundle import Revocations
 from proxy.core.dpop import DPoPConfig, NonceIssuer, check_binding, request_uri, verify_dpop_proof
 from proxy.core.model import (
+    EMPTY_MAP,
     Binding,
     Decision,
     Mode,
@@ -48,6 +51,7 @@ from proxy.core.model import (
 )
 from proxy.core.paths import canonicalize_target
 from proxy.core.policy import CompiledPolicy, evaluate
+from proxy.core.policy.actions import extract_params
 from proxy.core.replay import ReplayStore
 from proxy.core.spiffe import PeerCertificates, TrustStore, verify_peer
 from proxy.core.tokens import Issuers, TokenCache, verify_access_token_cached, verify_jwt_svid
@@ -123,6 +127,8 @@ class RequestFacts(NamedTuple):
     authorization: tuple[str, ...] = ()  # every Authorization header value
     dpop: tuple[str, ...] = ()  # every DPoP header value
     jwt_svid: tuple[str, ...] = ()  # every value of the configured JWT-SVID header
+    body: bytes | None = None  # the whole request body, only when `body_limit` asked for it
+    content_type: str | None = None
 
 
 def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
@@ -146,22 +152,43 @@ def authorize(facts: RequestFacts, state: State, now: float) -> Decision:
     if state.revocations:
         _check_revocations(state.revocations, peer, claims)
 
+    action = params = None
+    spec = policy.action_for(facts.method, target.path)
+    if spec is not None:
+        action = spec.name
+        params = extract_params(spec, spec.captures(target.path), target.query, facts.body,
+                                content_type=facts.content_type)
     ctx = RequestContext(peer.spiffe_id, peer.uri, facts.method, target.path, target.query,
-                         claims, binding)
+                         claims, binding, action, params if params is not None else EMPTY_MAP)
     verdict = evaluate(policy, ctx, now=now)
     out = verdict.outcome
     revision = policy.revision
     if out.effect == "allow":
         return Decision("allow", out.code, out.rule_id, revision, state.mode, peer, target,
-                        verdict.shadow, _obligations(state, peer, claims), claims, binding)
+                        verdict.shadow, _obligations(state, peer, claims), claims, binding,
+                        action, params)
     if state.mode == "shadow":
         return Decision("allow", "shadow_allowed", out.rule_id, revision, "shadow", peer, target,
                         would_be=verdict.shadow or out, obligations=_obligations(state, peer, claims),
-                        token=claims, binding=binding)
+                        token=claims, binding=binding, action=action, params=params)
     if out.effect == "step_up":
         raise _step_up(out, state, requirement.binding)
     return Decision("deny", out.code, out.rule_id, revision, state.mode, peer, target,
-                    would_be=verdict.shadow, token=claims, binding=binding)
+                    would_be=verdict.shadow, token=claims, binding=binding, action=action,
+                    params=params)
+
+
+def body_limit(facts: RequestFacts, state: State) -> int | None:
+    """How many body bytes the decision needs to see before it can be made: the action's
+    `max_body_bytes` when this request is a policy action whose parameters come from the JSON
+    body, else None (the body is streamed, never inspected). A target that does not canonicalise
+    needs no body: `authorize` refuses it."""
+    try:
+        target = canonicalize_target(facts.raw_target)
+    except BadRequest:
+        return None
+    spec = state.policy.action_for(facts.method, target.path)
+    return spec.max_body_bytes if spec is not None and spec.needs_body else None
 
 
 def deny_error(decision: Decision) -> Denied:

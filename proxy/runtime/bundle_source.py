@@ -5,6 +5,8 @@ format and the verification rules):
 - Sources: a local bundle (`policy.bundle.path`: a directory — its `.manifest.json` is watched — or
   a `.tar.gz`, watched like every other file input) or a control plane URL (`policy.bundle.url`,
   mTLS with the sidecar's own SVID; the server's SPIFFE ID is checked when `server_id` is set).
+  When the own SVID or a trust bundle changes, the next request uses a new connection pool with
+  the new material (`set_tls`).
 - HTTP: `If-None-Match` with the active ETag, `304` = unchanged; optional long polling
   (`Prefer: wait=N`); between polls a delay drawn uniformly from [min_delay_s, max_delay_s];
   a size cap and a timeout; redirects are not followed.
@@ -14,7 +16,9 @@ format and the verification rules):
   failed download, parse, compile or verification keeps the active bundle, is counted
   (`portcullis_refresh_total{source="policy",result="failed"}`) and logged with the reason.
 - The last good bundle is persisted (`cache_dir`) and, verified again, used at start when the
-  control plane is unreachable; a persisted bundle never lowers the revision.
+  control plane is unreachable; a persisted bundle never lowers the revision. A failed write
+  (disk full, read-only) leaves the active bundle alone; it is logged and counted
+  (`portcullis_refresh_total{source="policy",result="persist_failed"}`).
 - Expiry: past `expires_at` the bundle stays active for `expiry_grace_s`, then the sidecar fails
   closed (503 `bundle_expired`) and `/readyz` turns red.
 - Status (active revision, last success, last error) is reported to the control plane after each
@@ -32,11 +36,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy import __version__
-from proxy.config import BundleConfig
+from proxy.config import BundleConfig, yaml_document
 from proxy.core.bundle import EMPTY_REVOCATIONS, Revocations, VerifiedBundle, revocations, verify
 from proxy.core.policy import CompiledPolicy, compile_policy
 from proxy.errors import BundleError, ConfigError, InvalidValue, Problem
@@ -83,10 +86,10 @@ def compile_bundle(vb: VerifiedBundle, *, name: str, trust_domains: frozenset[st
     if raw is None:
         raise BundleError("bundle_missing_file", f"{POLICY_FILE} is not in the bundle")
     source = f"{name}@{vb.revision}/{POLICY_FILE}"
-    try:
-        doc = yaml.safe_load(raw.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
+        doc = yaml_document(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(exc), source=source) from None
     if isinstance(doc, dict):
         doc = {**doc, "revision": f"{name}@{vb.revision}"}
     policy = compile_policy(doc, source=source, revision=f"{name}@{vb.revision}",
@@ -115,12 +118,14 @@ class BundleSource:
         self.last_success = 0.0
         self.last_error: str | None = None
         self.failures = 0
+        self.persist_failures = 0
         self.max_staleness_s = 0.0
         self.on_change: Callable[[], None] = lambda: None
         self._file = None if cfg.path is None else FileSource(
             str(Path(cfg.path) / ".manifest.json") if Path(cfg.path).is_dir() else cfg.path)
         self._task: asyncio.Task | None = None
         self._session = None
+        self._next_ssl: ssl.SSLContext | None = None
 
     # -- the verification/activation step, shared by every source ------------------------------
     def accept(self, bundle, now: float) -> bool:
@@ -182,6 +187,8 @@ class BundleSource:
         try:
             persist(self.active, self.cfg.cache_dir)
         except OSError as exc:  # disk full, read-only: the active bundle is unaffected
+            self.persist_failures += 1
+            self.count("persist_failed")  # portcullis_refresh_total{result="persist_failed"}
             log.error("cannot persist policy bundle revision %d to %s: %s",
                       self.active.revision, self.cfg.cache_dir, exc.strerror or exc)
 
@@ -218,16 +225,34 @@ class BundleSource:
                 and now >= vb.expires_at + self.cfg.expiry_grace_s)
 
     # -- control plane URL -----------------------------------------------------------------------
-    async def start_remote(self, ssl_context: ssl.SSLContext) -> None:
+    def _new_session(self, ssl_context: ssl.SSLContext):
         import aiohttp
 
         if self.cfg.server_id is not None:
             expect_server_id(ssl_context, self.cfg.server_id)
-        self._session = aiohttp.ClientSession(
+        return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=2),
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s + self.cfg.long_poll_s))
+
+    async def start_remote(self, ssl_context: ssl.SSLContext) -> None:
+        self._session = self._new_session(ssl_context)
         await self.fetch(long_poll=False)
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def set_tls(self, ssl_context: ssl.SSLContext) -> None:
+        """The own SVID or the trust bundles changed: the next request to the control plane goes
+        out on a new connection pool with `ssl_context` (a request in flight finishes on its
+        connection). Without this, the client would keep presenting the SVID the process started
+        with, and fail for good once that one expires."""
+        if self._session is not None:
+            self._next_ssl = ssl_context
+
+    async def _renew_session(self) -> None:
+        ctx, self._next_ssl = self._next_ssl, None
+        if ctx is None or self._session is None:
+            return
+        old, self._session = self._session, self._new_session(ctx)
+        await old.close()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -249,6 +274,8 @@ class BundleSource:
         import aiohttp
 
         assert self._session is not None
+        if self._next_ssl is not None:
+            await self._renew_session()
         headers = {"Accept": "application/gzip"}
         if self.etag is not None and self.value is not None:
             headers["If-None-Match"] = f'"{self.etag}"'

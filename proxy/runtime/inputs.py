@@ -18,9 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
-import yaml
-
-from proxy.config import Config, IssuerConfig
+from proxy.config import Config, IssuerConfig, yaml_document
 from proxy.core.dpop import DPoPConfig, NonceIssuer, normalize_origin
 from proxy.core.jose import JWKSet, parse_jwks
 from proxy.core.pipeline import IdentityHeaders, State, TokenSettings
@@ -39,10 +37,10 @@ log = logging.getLogger("portcullis.inputs")
 
 def parse_policy_file(data: bytes, digest: str, *, source: str,
                       trust_domains: frozenset[str]) -> CompiledPolicy:
-    try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
+        doc = yaml_document(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(exc), source=source) from None
     return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
                           known_trust_domains=trust_domains)
 

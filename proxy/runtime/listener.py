@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Callable
 
 import httptools
 
-from proxy.core.pipeline import RequestFacts, State, authorize, deny_error
+from proxy.core.pipeline import RequestFacts, State, authorize, body_limit, deny_error
+from proxy.core.audit import params_digest
 from proxy.core.spiffe import PeerCertificates
 from proxy.errors import (
     BadRequest,
@@ -186,6 +187,7 @@ class Exchange:
         "decision_id", "discard", "finished", "started", "headers_done", "upgrade", "expect",
         "conn_tokens", "outcome", "retried", "head_request", "content_length",
         "authorization", "dpop", "lnames", "retried_kid", "jwt_svid", "body_in", "framing",
+        "await_limit", "content_type", "continued",
     )
 
     def __init__(self, conn: "ClientConnection") -> None:
@@ -225,6 +227,9 @@ class Exchange:
         self.lnames: list[bytes] = []
         self.retried_kid = False
         self.jwt_svid: tuple[str, ...] = ()
+        self.await_limit = 0  # > 0 while the decision waits for a body of at most this size
+        self.content_type: str | None = None
+        self.continued = False
         self.body_in = 0  # body bytes the parser delivered (decoded)
         self.framing = 0  # other bytes of this request counted in data_received (see there)
         self.outcome = "complete"
@@ -244,13 +249,19 @@ class Exchange:
         else:
             self.body.append(data)
             self.body_len += len(data)
-            if self.body_len > _PENDING_BODY_LIMIT:
+            if self.await_limit and self.body_len > self.await_limit:
+                self.conn.respond_error(self, PayloadTooLarge(
+                    "body_too_large", f"body larger than the action's {self.await_limit} bytes"))
+            elif self.body_len > _PENDING_BODY_LIMIT and not self.await_limit:
                 self.conn.pause("pending_body")
 
     def end_body(self) -> None:
         if self.body_done:
             return  # bodyless: done since the head
         self.body_done = True
+        if self.await_limit and not self.finished and self.upstream is None:
+            self.conn._start(self)  # the body the decision waited for is complete
+            return
         up = self.upstream
         if up is not None:
             if self.body_mode == "chunked":
@@ -389,6 +400,9 @@ class Exchange:
             hop = self.conn.peer.identity
             if hop is not None and hop is not peer and hop.uri != peer.uri:
                 rec["via"] = hop.uri  # a JWT-SVID named the workload; this L7 hop carried it
+        if d is not None and d.action is not None:
+            rec["action"] = d.action
+            rec["params_digest"] = params_digest(d.params or {})
         if self.authorization or self.dpop:
             self._token_fields(rec, d)
             if d is not None and d.token is not None:
@@ -690,6 +704,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.authorization += (value.decode("latin-1"),)
             elif n == b"dpop":
                 ex.dpop += (value.decode("latin-1"),)
+            elif n == b"content-type":
+                ex.content_type = value.decode("latin-1")
             elif n == jwt_header:
                 ex.jwt_svid += (value.decode("latin-1"),)
             elif n == rid_header and not ex.request_id and _REQUEST_ID_RE.fullmatch(value):
@@ -770,11 +786,28 @@ class ClientConnection(asyncio.Protocol):
             self.pause("audit")
             plane.wait_for_sink(self)
             return
+        state = plane.get_state()
         facts = RequestFacts(ex.method, ex.url.decode("latin-1"), self.peer, ex.authorization,
                              ex.dpop, ex.jwt_svid)
+        if state.policy.has_actions:
+            # a policy action whose parameters come from the JSON body: the decision waits for the
+            # (bounded) body, which is then forwarded exactly as it was inspected
+            limit = body_limit(facts, state)
+            if limit is not None:
+                if ex.body_mode == "length" and ex.content_length > limit:
+                    self.respond_error(ex, PayloadTooLarge(
+                        "body_too_large", f"body of {ex.content_length} bytes, limit {limit}"))
+                    return
+                if not ex.body_done:
+                    ex.await_limit = limit
+                    if ex.expect and ex.version == "1.1" and not ex.continued:
+                        ex.continued = True
+                        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    return  # Exchange.end_body starts it again with the whole body
+                facts = facts._replace(body=b"".join(ex.body), content_type=ex.content_type)
         t = time.perf_counter()
         try:
-            decision = authorize(facts, plane.get_state(), time.time())
+            decision = authorize(facts, state, time.time())
         except ProxyError as err:
             plane.metrics.decision_duration.observe(time.perf_counter() - t)
             if err.code == "token_unknown_kid" and not ex.retried_kid:

@@ -303,6 +303,14 @@ class Worker:
                 self.tls.swap(self._server_ctx())
             except (ssl.SSLError, OSError, ValueError) as exc:
                 log.error("new TLS material rejected by OpenSSL, keeping the old context: %s", exc)
+            bundle = self.inputs.bundle
+            if bundle is not None and bundle.cfg.url is not None:
+                from proxy.runtime.tls import client_context
+
+                try:  # the control plane client presents the new SVID, trusts the new bundles
+                    bundle.set_tls(client_context(self.inputs.svid.value, self.trust))
+                except (ssl.SSLError, OSError, ValueError) as exc:
+                    log.error("new TLS material rejected for the control plane client: %s", exc)
         new = self.inputs.build_state(now, self.trust)
         old = self.state
         if changed or tls_changed or old is None or new.unavailable != old.unavailable:

@@ -181,7 +181,7 @@ async def test_two_workers_share_the_port_and_keep_separate_audit_chains(pki, up
         async with aiohttp.ClientSession() as s:
             async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
                 text = await r.text()
-        assert 'portcullis_requests_total{code="allowed",decision="allow"} 30.0' in text
+        assert "portcullis_requests_total{code=\"allowed\",decision=\"allow\"} 30.0" in text, [l for l in text.splitlines() if "requests_total{" in l]
         proc.p.send_signal(signal.SIGTERM)
         assert await asyncio.get_running_loop().run_in_executor(None, proc.p.wait, 30) == 0
         lines = proc.lines()

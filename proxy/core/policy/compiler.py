@@ -5,6 +5,15 @@ Document (version 1):
 
     version: 1                      # required, the integer 1
     revision: "example-1"           # optional string; else the caller's `revision` argument
+    actions:                        # optional, non-empty list: named operations (see `actions`)
+      - name: invoice.approve       # unique, [A-Za-z0-9_][A-Za-z0-9._:-]{0,127}
+        methods: [POST]             # optional, as in routes
+        paths: ["/api/invoices/{invoice_id}/approve"]   # required, as in routes
+        max_body_bytes: 65536       # optional, 1..16 MiB (bounded body reads)
+        params:                     # optional: name -> {from: path | query | body, name,
+          invoice_id: {from: path}  #   pointer (body, RFC 6901), type (string | integer |
+          amount: {from: body, pointer: /amount, type: number}   #   number | boolean | any),
+                                    #   required (default true)}
     authentication:                 # optional, non-empty list; first match in file order wins
       - methods: [POST]             # optional (omitted = any), as in routes
         paths: ["/api/invoices/**"] # required, non-empty, path templates as in routes
@@ -28,9 +37,10 @@ Document (version 1):
           acr: [<acr>, ...]         # the token's acr is one of these
           amr: [<method>, ...]      # ALL must be present
           claims: {<name>: <string> | [<string>, ...]}  # top-level string claim equals one
-        to:                         # required, non-empty list of routes
+        to:                         # required, non-empty list of routes and action entries
           - methods: [GET, HEAD]    # optional (omitted = any); [] is an error; uppercase tokens
             paths: [<path template>, ...]         # required, non-empty
+          - actions: [invoice.approve]            # names from `actions`: the request is one
         require:                    # optional, allow rules only; needs a token
           peer_is: actor            # actor | client: the mTLS peer's SPIFFE ID equals the
                                     #   current actor's sub (resp. the token's client_id)
@@ -41,8 +51,11 @@ Document (version 1):
             type: invoice_approval  #   required
             match: {<entry field>: <request param>}   # equal as strings
             bounds: {<request param>: {le|lt|ge|gt: <entry field> | <number> | [..., ...]}}
+        when: <CEL expression>      # optional, allow and deny rules: see `conditions` for the
+                                    #   variables (request, workload, token, action, now)
 
-Request parameters are path template captures (`{invoice_id}`) and query parameters; a bound's
+Request parameters are path template captures (`{invoice_id}`) and query parameters, and, when
+the request is one of the rule's actions, that action's typed parameters; a bound's
 right side is an entry field name (a string) or a number literal (`{amount: {gt: 5000}}`), or a
 list of them that must all hold (`{le: [max_amount, 10000]}`). See `params` for decoding and
 number rules and `evaluator` for the semantics (step-up vs deny).
@@ -73,15 +86,29 @@ Rules checked here (each failure is a `Problem` at its path, all reported togeth
   `authorization_details`: non-empty `type`, `match` / `bounds` non-empty mappings with non-empty
   names, ops le/lt/ge/gt, right sides non-empty field names or finite numbers (not booleans);
   literal bounds of one parameter that contradict each other (`{gt: 10, le: 5}`) can never match;
+- `actions`: a non-empty list; unknown keys, a missing or duplicate or malformed name, routes as
+  above, `max_body_bytes` out of range, parameter names that are not identifiers, `from` other
+  than path / query / body, a type that is not one of the five (`any` only for body), a body
+  parameter without a valid RFC 6901 pointer (or a path/query one with a pointer), a path
+  parameter whose capture some template of the action lacks, and an action every request of
+  which an earlier action already takes (first match wins);
+- `to: [{actions: [...]}]`: an entry with other keys, an empty list, an unknown action name;
+  with only actions in `to`, `authorization_details` parameters that none of them declares;
+- `when`: not a non-empty string, or a CEL problem (`core.cel`): a syntax error, an unknown
+  variable, a field or key that does not exist (`request.params` has the captures of the rule's
+  own templates; `action.params` the parameters its actions declare, or for a rule without
+  actions those of any action), an operator or function on types it has no overload for, a
+  result that is not a bool. A rule naming an action that is itself broken has its `when`
+  checked once that action loads;
 - `authentication`: a non-empty list; `binding` other than none with `token: forbidden`; an entry
   every request of which an earlier entry already matches (same or wider methods, templates
   covered segment by segment, e.g. the same entry twice, or `/api/**` before `/api/x`) can never
   decide anything.
 
 The structural checks of `from` and of each route use `core.schema`; the rule and top level are
-checked by hand because `from` is not a Python identifier. To extend a rule (subjects, actors,
-a CEL `when`), add the key to `_RULE_KEYS`, compile it in `_compile_rule`, and add its index
-or residual check (`CompiledRule.residual`).
+checked by hand because `from` is not a Python identifier. To extend a rule, add the key to
+`_RULE_KEYS`, compile it in `_compile_rule`, and add its index or residual check
+(`CompiledRule.residual`; `when` is `CompiledRule.residual_when`).
 
 Revision: the document's `revision` when present, else the `revision` argument (a bundle loader
 passes the manifest revision); neither is a problem.
@@ -256,7 +283,12 @@ def compile_policy(
     actions: tuple[ActionSpec, ...] = ()
     if "actions" in doc:
         actions = _compile_actions(doc["actions"], problems)
-    actions_by_name = {a.name: a for a in actions}
+    actions_by_name: dict[str, ActionSpec | None] = {a.name: a for a in actions}
+    if isinstance(doc.get("actions"), list):  # declared but broken: reported once, above
+        for item in doc["actions"]:
+            name = item.get("name") if isinstance(item, Mapping) else None
+            if isinstance(name, str) and name not in actions_by_name:
+                actions_by_name[name] = None
     all_param_types = _action_param_types(actions)
 
     rules: list[CompiledRule] = []
@@ -316,7 +348,7 @@ def _unknown_keys(data: Mapping[Any, Any], known: tuple[str, ...], path: str,
 
 def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
                   known_tds: frozenset[str] | None,
-                  actions_by_name: Mapping[str, ActionSpec] | None = None,
+                  actions_by_name: Mapping[str, ActionSpec | None] | None = None,
                   all_param_types: Mapping[str, Any] | None = None) -> CompiledRule | None:
     if not isinstance(raw, Mapping):
         problems.append(Problem(path, f"must be a mapping; got {type(raw).__name__}"))
@@ -366,7 +398,9 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
             route = _compile_route(raw_route, join(to_path, j), problems)
             if route is not None:
                 routes.append(route)
-    rule_actions = tuple(known_actions[n] for n in action_names if n in known_actions)
+    rule_actions = tuple(a for a in (known_actions.get(n) for n in action_names)
+                         if a is not None)
+    broken_actions = len(rule_actions) < len(action_names)
 
     require: Requirements | None = None
     if "require" in raw:
@@ -380,13 +414,13 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
             if require is not None and spec is not None:
                 _check_require_against_from(require, spec, path, problems, known_tds)
             if require is not None and require.authorization_details is not None and \
-                    not routes and rule_actions:
+                    not routes and rule_actions and not broken_actions:
                 _check_details_params(require.authorization_details, rule_actions,
                                       join(req_path, "authorization_details"), problems)
 
     sources = ParamSource.of(tuple(routes))
     when = None
-    if "when" in raw:
+    if "when" in raw and not broken_actions:  # else its variables are unknown: check it later
         param_types = _action_param_types(rule_actions) if action_names \
             else (all_param_types or {})
         when = _compile_when(raw["when"], join(path, "when"), problems, routes, sources,
@@ -419,7 +453,7 @@ def _compile_rule(raw: Any, index: int, path: str, problems: list[Problem],
 
 
 def _compile_to_actions(raw: Mapping[str, Any], path: str, problems: list[Problem],
-                        known: Mapping[str, ActionSpec], out: dict[str, None]) -> None:
+                        known: Mapping[str, ActionSpec | None], out: dict[str, None]) -> None:
     """A `to` entry `{actions: [name, ...]}`: names of actions of the `actions` section."""
     for key in raw:
         if key != "actions":

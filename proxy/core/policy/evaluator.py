@@ -88,13 +88,12 @@ def evaluate(policy: CompiledPolicy, ctx: RequestContext, *,
     if not w and not anyw:
         return _DEFAULT_DENY
     path = ctx.path
-    if path[:1] != "/":
-        return _DEFAULT_DENY
     method = ctx.method
     kinds = idx.kinds
     enf_deny = enf_allow = enf_step = all_deny = all_allow = all_step = _NONE
     memo = None
-    terminals = walk(idx.path_root, path.split("/"), 1)
+    # a path that does not start with "/" matches no template (an action still counts)
+    terminals = walk(idx.path_root, path.split("/"), 1) if path[:1] == "/" else []
     action = ctx.action
     if action is not None:
         ams = idx.action_sets.get(action)
@@ -224,10 +223,10 @@ def candidates(policy: CompiledPolicy, ctx: RequestContext) -> frozenset[int]:
     """The indices of the rules the index selects for `ctx` (route or action, and workload)
     before any residual check: what `evaluate` looks at. For `explain`, not the hot path."""
     idx = policy.index
-    if idx is None or ctx.path[:1] != "/":
+    if idx is None:
         return _EMPTY
     w = _workload_rules(idx, ctx.workload) | idx.any_workload
-    terminals = walk(idx.path_root, ctx.path.split("/"), 1)
+    terminals = walk(idx.path_root, ctx.path.split("/"), 1) if ctx.path[:1] == "/" else []
     if ctx.action is not None and ctx.action in idx.action_sets:
         terminals.append(idx.action_sets[ctx.action])
     out: set[int] = set()

@@ -715,6 +715,12 @@ class CompiledPolicy:
                 return e.requirement
         return DEFAULT_AUTH
 
+    @property
+    def has_actions(self) -> bool:
+        """True when the policy defines actions (the listener then asks `action_for` whether a
+        request needs its body inspected; without actions it never does)."""
+        return self.index is not None and self.index.action_root is not None
+
     def action_for(self, method: str, path: str) -> Any:
         """The first action (file order) whose route matches the request: an
         `actions.ActionSpec`, or None. Indexed like `authentication_for`."""

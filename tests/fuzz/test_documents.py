@@ -1,0 +1,152 @@
+"""Properties of the document loaders: any YAML text or environment override gives a Config or a
+ConfigError (never another exception), any policy document gives a CompiledPolicy or a
+ConfigError. Inputs are arbitrary text, arbitrary YAML-shaped values, and random edits of the
+real example documents (which reach the deep checks that random text never does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.config import Config, parse_config
+from proxy.core.policy import CompiledPolicy, compile_policy
+from proxy.errors import ConfigError
+from tests.factories import DEFAULT_POLICY
+from tests.fuzz.strategies import JSONISH, mutated
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_CONFIG = yaml.safe_load((ROOT / "config" / "sidecar.example.yaml").read_text())
+EXAMPLE_POLICY = yaml.safe_load((ROOT / "config" / "policy.example.yaml").read_text())
+TOKENS_POLICY = {
+    "version": 1, "revision": "r1",
+    "authentication": [{"paths": ["/api/**"], "methods": ["POST"], "token": "required",
+                        "binding": "dpop"}],
+    "rules": [{"id": "alice", "effect": "allow",
+               "from": {"subjects": [{"issuer": "https://idp", "sub": "alice"}],
+                        "actors": ["spiffe://example.org/agent"], "scopes": ["a"]},
+               "require": {"peer_is": "actor", "max_delegation_depth": 2,
+                           "acr_values": ["mfa"], "max_auth_age_s": 60},
+               "to": [{"paths": ["/api/{id}/**"], "methods": ["GET", "POST"]}],
+               "shadow": False}],
+}
+SETTINGS = settings(max_examples=250, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+_YAML_PIECES = st.lists(st.sampled_from([
+    "listener:", "\n", "  ", "port: ", "8443", "-1", "[", "]", "{", "}", ",", ":", "- ", "&a ", "*a",
+    "!!binary ", "!!python/object:os.system ", "!!set ", "? ", "'", '"', "#", "|", ">", "~", "null",
+    ".nan", ".inf", "1e400", "0x10", "0o7", "2001-12-14", "yes", "é", "\t", "\x00", "\ud800",
+    "---", "...", "%YAML 1.1", "identity:", "upstream:", "policy:", "tokens:", "dpop:", "url: ",
+    "http://127.0.0.1:1", "unix:", "trust_domains:", "name: ", "example.org",
+]), max_size=40).map("".join)
+
+# nesting around the bound (64) and past PyYAML's own recursion limit (~500: a RecursionError)
+_DEPTH = st.sampled_from([1, 63, 64, 65, 66, 200, 600])
+
+
+def _dump(doc) -> str:
+    try:
+        return yaml.safe_dump(doc, allow_unicode=True)
+    except (yaml.YAMLError, UnicodeEncodeError):
+        return repr(doc)
+
+
+def _parse(text: str, env: dict[str, str] | None = None) -> None:
+    try:
+        cfg = parse_config(text, env=env or {})
+    except ConfigError as err:
+        assert err.problems and all(isinstance(p.message, str) for p in err.problems)
+        assert len(str(err)) < 200_000
+        return
+    assert isinstance(cfg, Config)
+
+
+@SETTINGS
+@given(st.one_of(st.text(max_size=200), _YAML_PIECES,
+                 _DEPTH.map(lambda n: "[" * n + "]" * n),
+                 _DEPTH.map(lambda n: "{a: " * n + "1" + "}" * n),
+                 st.integers(min_value=0, max_value=400).map(lambda n: "a:\n" + "".join(
+                     " " * (i + 1) + "b:\n" for i in range(n)))))
+def test_any_yaml_text_gives_a_config_or_a_config_error(text: str) -> None:
+    _parse(text)
+
+
+@SETTINGS
+@given(st.one_of(JSONISH, mutated(EXAMPLE_CONFIG, rounds=4)))
+def test_any_yaml_document_gives_a_config_or_a_config_error(doc) -> None:
+    _parse(_dump(doc))
+
+
+@SETTINGS
+@given(st.dictionaries(
+    st.one_of(st.sampled_from(["PORTCULLIS_LISTENER__PORT", "PORTCULLIS_LISTENER__MAX_BODY_BYTES",
+                               "PORTCULLIS_TOKENS__DPOP__MAX_PROOF_BYTES", "PORTCULLIS___X",
+                               "PORTCULLIS_LISTENER__PORT__X", "PORTCULLIS_IDENTITY__TRUST_DOMAINS",
+                               "PORTCULLIS_POLICY__MODE", "PORTCULLIS_X__", "PORTCULLIS_A__B__C__D"]),
+              st.text(max_size=30).map(lambda s: "PORTCULLIS_" + s)),
+    st.one_of(st.text(max_size=30), _YAML_PIECES,
+              _DEPTH.map(lambda n: "[" * n)),
+    max_size=4))
+def test_any_environment_override_gives_a_config_or_a_config_error(env: dict[str, str]) -> None:
+    _parse(_dump(EXAMPLE_CONFIG), env)
+
+
+_BOMB = "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+
+
+def test_yaml_alias_bomb_config_is_refused_before_anything_walks_it() -> None:
+    # 9^9 values if anything expanded it; an error message printing it took minutes and gigabytes
+    try:
+        parse_config(_BOMB + "listener: {port: *i}\n", env={})
+    except ConfigError as err:
+        assert "document too large" in str(err) and len(str(err)) < 1000
+        return
+    raise AssertionError("accepted")
+
+
+def test_yaml_alias_bomb_policy_is_refused_before_the_compiler_walks_it() -> None:
+    from proxy.runtime.inputs import parse_policy_file
+
+    text = _BOMB + "version: 1\nrules: [{id: r, effect: allow, from: {workloads: [*i]}, to: []}]\n"
+    try:
+        parse_policy_file(text.encode(), "0" * 64, source="p", trust_domains=frozenset({"example.org"}))
+    except ConfigError as err:
+        assert "document too large" in str(err) and len(str(err)) < 1000
+        return
+    raise AssertionError("accepted")
+
+
+def _compile(doc) -> None:
+    try:
+        got = compile_policy(doc, source="fuzz", revision="r0",
+                             known_trust_domains=frozenset({"example.org", "partner.org"}))
+    except ConfigError as err:
+        assert err.problems and all(isinstance(p.message, str) for p in err.problems)
+        return
+    assert isinstance(got, CompiledPolicy) and got.rules
+
+
+@SETTINGS
+@given(st.one_of(JSONISH, mutated(DEFAULT_POLICY), mutated(TOKENS_POLICY), mutated(EXAMPLE_POLICY)))
+def test_any_policy_document_gives_a_compiled_policy_or_a_config_error(doc) -> None:
+    _compile(doc)
+
+
+@SETTINGS
+@given(st.one_of(_YAML_PIECES, st.text(max_size=200), mutated(EXAMPLE_POLICY).map(_dump),
+                 _DEPTH.map(lambda n: "version: 1\nrules: " + "[" * n + "]" * n)))
+def test_any_policy_yaml_gives_a_compiled_policy_or_a_config_error(text: str) -> None:
+    # the loader of policy files (and, the same way, of policy bundles): a RecursionError here
+    # used to escape the refresher (never counted as a failed refresh, nor as a load error)
+    from proxy.runtime.inputs import parse_policy_file
+
+    try:
+        got = parse_policy_file(text.encode("utf-8", "surrogatepass"), "0" * 64, source="fuzz",
+                                trust_domains=frozenset({"example.org"}))
+    except ConfigError:
+        return
+    assert isinstance(got, CompiledPolicy)
