@@ -10,7 +10,9 @@ plane's `long_polls_waiting` says so), the deployer posts one revocation; each c
 it holds the new revision (response body read). Per repetition it prints the time of the POST
 itself (validate, sign, fsync) and the median / max over clients of POST-sent -> new revision held;
 then the median of the per-repetition medians and the worst max. A script: no asserts.
-(The lead will extend it to real sidecars once the sidecar has its bundle client.)
+`--sidecars N` (default 3) of the clients are real `portcullis serve` processes following the
+control plane; for them the latency runs until their active policy revision (read on /readyz)
+is the new one, i.e. until they enforce the revocation.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def setup(root: Path, clients: int, port: int) -> tuple[Path, list[Path], Path]:
     (root / "signing.key").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
+    (root / "signing.pub").write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     src = root / "src"
     (src / "data").mkdir(parents=True)
     (src / "policy.yaml").write_text(yaml.safe_dump(POLICY))
@@ -137,7 +141,8 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
     admin = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
         ssl=ssl_for(deployer_dir, bundle)))
     sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_for(d, bundle)))
-                for d in client_dirs]
+                for d in client_dirs[args.sidecars:]]
+    admin_probe = aiohttp.ClientSession()
     tasks: list[asyncio.Task] = []
     try:
         async def up() -> bool:
@@ -162,9 +167,15 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
             return (all(p.revision == listing["current"]["revision"] for p in pollers)
                     and listing["long_polls_waiting"] >= len(pollers))
 
-        print(f"control plane pid {proc.pid}, {args.clients} long-polling clients, "
-              f"{args.reps} repetitions")
-        medians, maxes, posts = [], [], []
+        sidecars = start_sidecars(root, client_dirs[:args.sidecars], base, bundle)
+        for sc in sidecars:
+            async def has_policy(sc=sc) -> bool:
+                return (await sidecar_revision(sc, admin_probe)) is not None
+            await wait_until(has_policy, 60)
+
+        print(f"control plane pid {proc.pid}, {args.clients} long-polling clients "
+              f"({len(sidecars)} of them real sidecars), {args.reps} repetitions")
+        medians, maxes, posts, sidecar_maxes = [], [], [], []
         for rep in range(args.reps):
             await wait_until(parked)
             t0 = time.perf_counter()
@@ -177,25 +188,77 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
             new = body["revision"]
             await wait_until(lambda: _all_have(pollers, new))
             lat = sorted((p.got[new] - t0) * 1000 for p in pollers)
+            sc_lat = []
+            for sc in sidecars:  # a real sidecar has it when its active policy revision moved
+                while (await sidecar_revision(sc, admin_probe)) != f"demo@{new}":
+                    await asyncio.sleep(0.002)
+                sc_lat.append((time.perf_counter() - t0) * 1000)
+            if sc_lat:
+                sidecar_maxes.append(max(sc_lat))
             medians.append(statistics.median(lat))
             maxes.append(lat[-1])
             posts.append(t_post * 1000)
             print(f"  rep {rep + 1}: revision {new}: POST {t_post * 1000:7.2f} ms | "
-                  f"all {len(lat)} clients: median {medians[-1]:7.2f} ms, max {lat[-1]:7.2f} ms")
+                  f"all {len(lat)} clients: median {medians[-1]:7.2f} ms, max {lat[-1]:7.2f} ms"
+                  + (f" | every sidecar enforcing it: {max(sc_lat):7.2f} ms" if sc_lat else ""))
         print(f"summary: POST median {statistics.median(posts):.2f} ms; revocation -> every "
               f"client: median of medians {statistics.median(medians):.2f} ms, "
               f"median of maxes {statistics.median(maxes):.2f} ms, worst {max(maxes):.2f} ms")
+        if sidecar_maxes:
+            print(f"real sidecars enforcing the revocation (active revision, read on /readyz): "
+                  f"median {statistics.median(sidecar_maxes):.2f} ms, worst {max(sidecar_maxes):.2f} ms")
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for s in [admin, *sessions]:
+        for sc in locals().get("sidecars", []):
+            sc["proc"].terminate()
+        for sc in locals().get("sidecars", []):
+            try:
+                sc["proc"].wait(10)
+            except subprocess.TimeoutExpired:
+                sc["proc"].kill()
+        for s in [admin, *sessions, admin_probe]:
             await s.close()
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def start_sidecars(root: Path, dirs: list[Path], base: str, bundle: Path) -> list[dict]:
+    """Real sidecars (`portcullis serve`) following the control plane with long polling."""
+    out = []
+    for d in dirs:
+        admin = free_port()
+        cfg = {
+            "listener": {"address": "127.0.0.1", "port": free_port()},
+            "identity": {"svid_file": str(d / "svid.pem"), "svid_key_file": str(d / "svid_key.pem"),
+                         "trust_domains": [{"name": TD, "bundle_file": str(bundle)}]},
+            "upstream": {"url": "http://127.0.0.1:9"},
+            "policy": {"bundle": {"url": f"{base}/bundles/demo",
+                                  "public_keys": [str(root / "signing.pub")],
+                                  "cache_dir": str(d / "cache"), "long_poll_s": 30}},
+            "admin": {"address": "127.0.0.1", "port": admin},
+            "server": {"log_level": "warning"},
+        }
+        path = d / "sidecar.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(path)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL)
+        out.append({"proc": proc, "admin": admin})
+    return out
+
+
+async def sidecar_revision(sc: dict, session: aiohttp.ClientSession) -> str | None:
+    if sc["proc"].poll() is not None:
+        raise RuntimeError(f"a sidecar exited with {sc['proc'].returncode}")
+    try:
+        async with session.get(f"http://127.0.0.1:{sc['admin']}/readyz") as r:
+            return (await r.json()).get("policy_revision")
+    except (aiohttp.ClientError, ValueError):
+        return None
 
 
 async def _all_have(pollers: list[Poller], revision: int) -> bool:
@@ -205,6 +268,8 @@ async def _all_have(pollers: list[Poller], revision: int) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--sidecars", type=int, default=3,
+                    help="how many of the clients are real sidecars (portcullis serve)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--wait-s", type=int, default=30, help="Prefer: wait=<s> of each long poll")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
