@@ -245,7 +245,7 @@ class BundleSource:
         connection). Without this, the client would keep presenting the SVID the process started
         with, and fail for good once that one expires."""
         if self._session is not None:
-            pass  # TEMP
+            self._next_ssl = ssl_context
 
     async def _renew_session(self) -> None:
         ctx, self._next_ssl = self._next_ssl, None
