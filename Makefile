@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv system-deps bench clean fuzz fuzz-short
+.PHONY: demo test test-fast venv system-deps bench clean fuzz fuzz-short soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ fuzz: venv
 fuzz-short: venv
 	$(PY) -m pip install -q atheris
 	$(PY) fuzz/run.py --seconds 10
+
+# Soak: steady mTLS load while certificates rotate, bundles change and revocations come and go
+# (bounded in time and rate, loopback only). SOAK_ARGS e.g. '--duration 600 --rate 300'.
+SOAK_ARGS ?= --duration 120 --rate 200
+soak: venv system-deps
+	$(PY) soak/run.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
