@@ -22,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-TARGETS = ("spiffe", "paths", "jose", "dpop", "config", "policy", "http")
+TARGETS = ("spiffe", "paths", "jose", "dpop", "config", "policy", "bundle", "http")
 
 
 def main() -> int:

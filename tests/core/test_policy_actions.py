@@ -215,3 +215,16 @@ def test_extract_params_raises_only_stable_errors(capture: str, query: str, body
         return
     assert isinstance(got, MappingProxyType)
     assert type(got["id"]) is int and type(got["n"]) is Decimal
+
+
+def test_max_json_depth_is_per_action() -> None:
+    doc = {"name": "w", "paths": ["/w"], "max_json_depth": 2,
+           "params": {"x": {"from": "body", "pointer": "/x"}}}
+    spec = compile_actions(doc).actions[0]
+    assert spec.max_json_depth == 2
+    assert extract_params(spec, {}, "", b'{"x": [1]}')["x"] == (1,)
+    with pytest.raises(BadRequest) as info:
+        extract_params(spec, {}, "", b'{"x": [[1]]}')
+    assert info.value.code == "json_too_deep"
+    default = compile_actions({**doc, "max_json_depth": 32}).actions[0]
+    assert extract_params(default, {}, "", b'{"x": [[1]]}')["x"] == ((1,),)

@@ -6,6 +6,7 @@
         methods: [POST]                       # optional (omitted = any), as in routes
         paths: ["/api/invoices/{invoice_id}/approve"]   # required, path templates as in routes
         max_body_bytes: 65536                 # optional, 1..16777216; default 65536
+        max_json_depth: 32                    # optional, 1..64; default 32 (arrays/objects)
         params:                               # optional mapping: parameter name -> source
           invoice_id: {from: path}                        # a template capture (`name:` another)
           amount: {from: body, pointer: /amount, type: number}   # RFC 6901 JSON pointer
@@ -28,7 +29,8 @@ The runtime calls, per request (all pure):
                          cannot be decoded: upstream might read another value than we did;
     `invalid_json_body`  not UTF-8, not JSON (RFC 8259: no NaN/Infinity, no BOM), a duplicate
                          object member name anywhere (parsers disagree on which one wins);
-    `json_too_deep`      arrays/objects nested deeper than `MAX_JSON_DEPTH` (32);
+    `json_too_deep`      arrays/objects nested deeper than the action's `max_json_depth`
+                         (default `MAX_JSON_DEPTH`, 32; at most `MAX_JSON_DEPTH_LIMIT`, 64);
     `unsupported_content_type`  with `content_type` given: not application/json or
                          application/*+json (or a charset other than utf-8);
   and `PayloadTooLarge("body_too_large")` (413) when `len(body) > spec.max_body_bytes`.
@@ -68,6 +70,7 @@ from proxy.errors import BadRequest, PayloadTooLarge
 DEFAULT_MAX_BODY_BYTES = 65536
 MAX_BODY_BYTES_LIMIT = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 32
+MAX_JSON_DEPTH_LIMIT = 64
 
 ParamSourceKind = Literal["path", "query", "body"]
 ParamType = Literal["string", "integer", "number", "boolean", "any"]
@@ -99,6 +102,7 @@ class ActionSpec:
     params: tuple[ParamSpec, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     description: str = ""
+    max_json_depth: int = MAX_JSON_DEPTH
     #: computed: does any parameter come from the body? (only then is the body read)
     needs_body: bool = field(default=False, init=False)
 
@@ -251,8 +255,9 @@ def _parse_body(spec: ActionSpec, body: bytes | None, content_type: str | None) 
         raise BadRequest("unsupported_content_type",
                          f"action {spec.name} reads a JSON body; Content-Type is "
                          f"{content_type[:80]!r}")
-    if not json_depth_ok(body, MAX_JSON_DEPTH):
-        raise BadRequest("json_too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH}")
+    if not json_depth_ok(body, spec.max_json_depth):
+        raise BadRequest("json_too_deep", f"action {spec.name} reads JSON nested at most "
+                                          f"{spec.max_json_depth} deep")
     try:
         return _DECODER.decode(body.decode("utf-8"))
     except _Duplicate as exc:

@@ -10,6 +10,7 @@ Document (version 1):
         methods: [POST]             # optional, as in routes
         paths: ["/api/invoices/{invoice_id}/approve"]   # required, as in routes
         max_body_bytes: 65536       # optional, 1..16 MiB (bounded body reads)
+        max_json_depth: 32          # optional, 1..64 (nesting of the JSON body)
         params:                     # optional: name -> {from: path | query | body, name,
           invoice_id: {from: path}  #   pointer (body, RFC 6901), type (string | integer |
           amount: {from: body, pointer: /amount, type: number}   #   number | boolean | any),
@@ -129,6 +130,8 @@ from proxy.core.paths import canonicalize_path
 from proxy.core.policy.actions import (
     DEFAULT_MAX_BODY_BYTES,
     MAX_BODY_BYTES_LIMIT,
+    MAX_JSON_DEPTH,
+    MAX_JSON_DEPTH_LIMIT,
     ActionSpec,
     ParamSpec,
     parse_pointer,
@@ -171,7 +174,8 @@ STEP_UP_CODE = "step_up_required"
 
 _TOP_KEYS = ("version", "revision", "authentication", "actions", "rules")
 _RULE_KEYS = ("id", "effect", "shadow", "description", "from", "to", "require", "when")
-_ACTION_KEYS = ("name", "description", "methods", "paths", "max_body_bytes", "params")
+_ACTION_KEYS = ("name", "description", "methods", "paths", "max_body_bytes", "max_json_depth",
+                "params")
 _PARAM_KEYS = ("from", "name", "pointer", "type", "required")
 _PARAM_TYPES = ("string", "integer", "number", "boolean", "any")
 ACTION_NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}"
@@ -568,6 +572,12 @@ def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...
             problems.append(Problem(join(apath, "max_body_bytes"),
                                     f"must be an integer 1..{MAX_BODY_BYTES_LIMIT}; "
                                     f"got {max_body!r}"))
+        max_depth = item.get("max_json_depth", MAX_JSON_DEPTH)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or \
+                not 1 <= max_depth <= MAX_JSON_DEPTH_LIMIT:
+            problems.append(Problem(join(apath, "max_json_depth"),
+                                    f"must be an integer 1..{MAX_JSON_DEPTH_LIMIT}; "
+                                    f"got {max_depth!r}"))
         route_raw = {k: item[k] for k in ("methods", "paths") if k in item}
         route = _compile_route(route_raw, apath, problems)
         params = _compile_params(item.get("params"), "params" in item, join(apath, "params"),
@@ -575,7 +585,8 @@ def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...
         if len(problems) > before or route is None:
             continue
         spec = ActionSpec(name=name, index=i, route=route, params=params,
-                          max_body_bytes=max_body, description=description)
+                          max_body_bytes=max_body, description=description,
+                          max_json_depth=max_depth)
         shadowed_by = _shadowed_by(route, earlier.candidates(route))  # type: ignore[arg-type]
         if shadowed_by:
             names = ", ".join(f"actions[{k}]" for k in shadowed_by)
