@@ -3,7 +3,14 @@
 Usage (normally started by bench/latency.py or bench/run.py, pinned to the load-generator core):
   python bench/openloop.py --port N [--tls --cert C --key K --ca CA] --rate 1000 --duration 5
                            [--warmup 1] [--connections 32] [--path /]
+                           [--dpop-token TOKEN --dpop-proofs FILE]
 Prints one JSON object on stdout.
+
+With --dpop-token/--dpop-proofs (the full-pipeline target `portcullis-dpop`) every request
+carries `Authorization: DPoP <token>` and its own proof from FILE (one per line, minted before the
+run by bench/dpop_load.py): the requests are built before the run, so the client's cost per
+request stays that of a static request. Running out of proofs is an error (exit 2), never a silent
+replay.
 
 Request i is *scheduled* at t0 + i/rate, whatever happened to earlier requests (open loop). It is
 sent on an idle keep-alive connection from a fixed pool; when none is idle it waits in a queue.
@@ -18,6 +25,7 @@ Only requests scheduled after the warm-up are recorded. Clock: time.perf_counter
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import ssl
@@ -113,7 +121,7 @@ class Conn(asyncio.Protocol):
         self.busy = True
         self.sched = sched
         self.sent = time.perf_counter_ns()
-        self.transport.write(self.client.request)
+        self.transport.write(self.client.next_request())
 
 
 class Client:
@@ -121,6 +129,15 @@ class Client:
         self.args = args
         self.request = (f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
                         f"User-Agent: portcullis-bench-openloop\r\n\r\n").encode()
+        self.requests: list[bytes] | None = None
+        self.next_index = 0
+        if args.dpop_proofs:
+            with open(args.dpop_proofs) as f:
+                self.requests = [
+                    (f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+                     f"User-Agent: portcullis-bench-openloop\r\n"
+                     f"Authorization: DPoP {args.dpop_token}\r\nDPoP: {line.strip()}\r\n\r\n").encode()
+                    for line in f if line.strip()]
         self.idle: deque[Conn] = deque()
         self.queue: deque[int] = deque()
         self.record_from = 0
@@ -132,6 +149,17 @@ class Client:
         self.outstanding = 0
         self.conns_lost = 0
         self.max_queue = 0
+
+    def next_request(self) -> bytes:
+        if self.requests is None:
+            return self.request
+        i = self.next_index
+        if i >= len(self.requests):
+            print("openloop: out of DPoP proofs (each proof may be used once)", file=sys.stderr,
+                  flush=True)
+            os._exit(2)  # from inside a protocol callback: the loop would only log an exception
+        self.next_index = i + 1
+        return self.requests[i]
 
     def dispatch(self, sched: int) -> None:
         self.outstanding += 1
@@ -258,6 +286,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--dpop-token", help="access token sent with the DPoP scheme")
+    ap.add_argument("--dpop-proofs", help="file of DPoP proofs, one per request")
     args = ap.parse_args()
     import uvloop
 
