@@ -152,3 +152,16 @@ def test_config_check_cli_reports_unreadable_inputs(tmp_path):
     assert r.returncode == 2
     assert "own SVID" in r.stderr and "trust bundle example.org" in r.stderr
     assert "policy" in r.stderr
+
+
+def test_several_workers_with_token_issuers_warn_that_dpop_replay_detection_is_per_worker():
+    from proxy.runtime.supervisor import replay_scope_warning
+    plain = parse_config(MINIMAL, env={})
+    tokens = parse_config(MINIMAL + """
+tokens:
+  issuers: [{issuer: "https://idp", audiences: [a], jwks_file: jwks.json}]
+""", env={})
+    assert replay_scope_warning(plain, 4) is None
+    assert replay_scope_warning(tokens, 1) is None
+    warning = replay_scope_warning(tokens, 2)
+    assert warning and "per worker process" in warning and "--workers 2" in warning

@@ -189,6 +189,17 @@ class Supervisor:
         return generate_latest(make_registry(self.metrics, values=lambda: merged))
 
 
+def replay_scope_warning(cfg: Config, workers: int) -> str | None:
+    """The start-up warning SECURITY.md promises: with token issuers and several workers, DPoP `jti`
+    replay detection is per worker process (`core.replay.MemoryReplayStore`)."""
+    if not cfg.tokens.issuers or workers < 2:
+        return None
+    return (f"--workers {workers}: DPoP proof replay (jti) detection is per worker process; a proof "
+            "replayed on a connection served by another worker is not detected by the jti check "
+            "(it stays bound to method, URI, iat window and token). Use tokens.dpop.require_nonce "
+            "or one worker per replica until a shared replay store is available.")
+
+
 def run_supervisor(config_path: str, cfg: Config, workers: int) -> int:
     import uvloop
 
@@ -201,5 +212,8 @@ def run_supervisor(config_path: str, cfg: Config, workers: int) -> int:
     except ConfigError as exc:
         _print_config_error(exc)
         return 2
+    warning = replay_scope_warning(cfg, workers)
+    if warning:
+        log.warning("%s", warning)
     sys.stdout.flush()
     return uvloop.run(Supervisor(config_path, cfg, workers).run())
