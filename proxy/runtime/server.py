@@ -6,6 +6,9 @@ Rules:
 - Refresh: inputs are polled every `watch_interval_s` in a thread (file reads and policy compiles
   never block the event loop); SIGHUP forces an immediate re-read. A new State replaces the old one
   atomically; TLS material changes swap the listener's context for new handshakes only.
+- Readiness (/readyz): red ("not_listening") until the data listener is bound, so an orchestrator
+  never routes traffic to a worker that would refuse the connection; red while an input is
+  missing or stale, the audit sink is unhealthy, or the worker drains.
 - SIGTERM/SIGINT: /readyz turns red, the listener keeps accepting for `drain_delay_s`, then stops
   accepting; idle keep-alive connections close, busy ones finish their exchange (bounded by
   `drain_timeout_s`, then aborted); the audit sink is flushed with a final signed checkpoint; exit 0.
@@ -326,6 +329,8 @@ class Worker:
         now = time.time()
         r = self.inputs.readiness(now)
         reasons = list(r.reasons)
+        if self.bound is None:
+            reasons.append("not_listening")
         if self.draining:
             reasons.append("draining")
         if self.sink is not None and not self.sink.healthy:

@@ -136,6 +136,19 @@ async def test_admin_endpoints(sidecar, pki):
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
 
 
+def test_readyz_is_red_until_the_data_listener_is_bound(pki, upstream):
+    """Every input loaded, nothing listening yet (the admin listener starts first): an
+    orchestrator must not route traffic here. `test_admin_endpoints` shows green once bound."""
+    from proxy.config import load_config
+    from proxy.runtime.server import Worker
+    from tests.factories import write_config
+
+    worker = Worker(load_config(write_config(pki, upstream_url=upstream.url), env={}))
+    worker.load()
+    status = worker.admin_status()
+    assert status["ready"] is False and status["reasons"] == ["not_listening"]
+
+
 async def test_promtool_accepts_a_real_scrape(sidecar, pki):
     assert shutil.which("promtool"), "promtool is required (make test installs Debian's prometheus)"
     await curl(sidecar.url("/api/x"), pki.client("frontend"), cacert=pki.bundle)
