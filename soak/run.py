@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import json
 import os
 import random
@@ -51,7 +50,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.error
@@ -69,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from proxy.dev.ca import DevCA, generate_ed25519_keypair  # noqa: E402
+from proxy.dev.volumes import projected_swap, targz  # noqa: E402
 from proxy.dev.tokens import (create_dpop_key, create_issuer, load_private_key,  # noqa: E402
                               mint_access_token, mint_dpop_proof)
 
@@ -248,22 +247,7 @@ class _UpConn(asyncio.Protocol):
 
 
 def k8s_swap(base: Path, files: dict[str, bytes], version: str) -> None:
-    """Update a projected volume the way kubelet does: a new `..<version>` dir, then an atomic
-    swap of the `..data` symlink; the visible names are symlinks through `..data`."""
-    d = base / f"..{version}"
-    d.mkdir(parents=True)
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-        os.chmod(d / name, 0o600)
-    tmp = base / "..data_tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    tmp.symlink_to(d.name)
-    os.replace(tmp, base / "..data")
-    for name in files:
-        link = base / name
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{name}")
+    projected_swap(base, files, version, mode=0o600)
 
 
 def cert_sha256(cert) -> str:
@@ -283,13 +267,7 @@ def source_targz(policy: str, revoked: frozenset) -> bytes:
     if revoked:
         files["data/revocations.json"] = json.dumps(
             {"spiffe_ids": sorted(IDS[w] for w in revoked)}).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo("./" + name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return targz(files)
 
 
 @dataclass

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import ssl
 import tarfile
 import time
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
+from proxy.dev.volumes import targz
 from proxy.controlplane.config import load_config
 from proxy.controlplane.server import ControlPlane
 from proxy.dev.ca import new_key
@@ -56,15 +56,7 @@ def public_pem(key) -> bytes:
 
 def source_targz(files: dict[str, bytes], *, extra: list[tarfile.TarInfo] = ()) -> bytes:
     """A tar.gz of a source directory, as `tar -czf src.tgz -C dir .` would make it."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo("./" + name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tf.addfile(info)
-    return buf.getvalue()
+    return targz(files, extra=extra)
 
 
 def policy_bytes(policy: dict | None = None) -> bytes:

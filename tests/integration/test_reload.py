@@ -4,37 +4,23 @@ stale or expired, re-verification of live connections when trust changes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from proxy.dev.ca import DevCA
-from tests.conftest import RawClient, client_ssl, curl
+from proxy.dev.volumes import projected_swap
+from tests.conftest import RawClient, curl
 from tests.factories import FRONTEND_ID, SIDECAR_ID, TD
 
 GET = b"GET /api/x HTTP/1.1\r\nhost: sidecar\r\n\r\n"
 
 
 def k8s_layout(base: Path, files: dict[str, bytes], version: str) -> None:
-    """Write files the way kubelet updates a projected volume: a new timestamped dir, then an
-    atomic swap of the `..data` symlink; the visible names are symlinks through `..data`."""
-    d = base / f"..{version}"
-    d.mkdir(parents=True)
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-    tmp = base / "..data_tmp"
-    if tmp.is_symlink():
-        tmp.unlink()
-    tmp.symlink_to(d.name)
-    os.replace(tmp, base / "..data")
-    for name in files:
-        link = base / name
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{name}")
+    """Write files the way kubelet updates a projected volume (`proxy.dev.volumes`)."""
+    projected_swap(base, files, version)
 
 
 async def admin_get(sc, path: str) -> tuple[int, str]:

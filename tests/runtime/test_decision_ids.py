@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 from proxy.runtime import listener
 
 
@@ -16,6 +18,9 @@ def test_ids_are_24_hex_digits_and_unique_across_buffer_refills():
     assert len(set(got)) == len(got)
 
 
+# Python 3.12+ warns about fork() in a multi-threaded process (pytest's own threads): the child
+# here only reads the generator, calls os.urandom and os.write, then os._exit: no lock is taken.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_worker_never_hands_out_the_parents_next_ids():
     listener._next_decision_id()  # the parent's buffer is filled: its next ids are decided
     r, w = os.pipe()

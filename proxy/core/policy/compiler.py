@@ -534,6 +534,15 @@ def _check_details_params(details: DetailsRequirement, actions: tuple[ActionSpec
 # ------------------------------------------------------------------------------------------------
 
 
+def _bounded_int(item: Mapping[str, Any], key: str, default: int, limit: int, path: str,
+                 problems: list[Problem]) -> int:
+    """`item[key]` (or `default`) when it is an integer 1..limit; else a problem at `path.key`."""
+    value = item.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        problems.append(Problem(join(path, key), f"must be an integer 1..{limit}; got {value!r}"))
+    return value
+
+
 def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...]:
     path = "actions"
     if not isinstance(raw, list):
@@ -566,18 +575,10 @@ def _compile_actions(raw: Any, problems: list[Problem]) -> tuple[ActionSpec, ...
         description = item.get("description", "")
         if not isinstance(description, str):
             problems.append(Problem(join(apath, "description"), "must be a string"))
-        max_body = item.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)
-        if isinstance(max_body, bool) or not isinstance(max_body, int) or \
-                not 1 <= max_body <= MAX_BODY_BYTES_LIMIT:
-            problems.append(Problem(join(apath, "max_body_bytes"),
-                                    f"must be an integer 1..{MAX_BODY_BYTES_LIMIT}; "
-                                    f"got {max_body!r}"))
-        max_depth = item.get("max_json_depth", MAX_JSON_DEPTH)
-        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or \
-                not 1 <= max_depth <= MAX_JSON_DEPTH_LIMIT:
-            problems.append(Problem(join(apath, "max_json_depth"),
-                                    f"must be an integer 1..{MAX_JSON_DEPTH_LIMIT}; "
-                                    f"got {max_depth!r}"))
+        max_body = _bounded_int(item, "max_body_bytes", DEFAULT_MAX_BODY_BYTES, MAX_BODY_BYTES_LIMIT,
+                                apath, problems)
+        max_depth = _bounded_int(item, "max_json_depth", MAX_JSON_DEPTH, MAX_JSON_DEPTH_LIMIT,
+                                 apath, problems)
         route_raw = {k: item[k] for k in ("methods", "paths") if k in item}
         route = _compile_route(route_raw, apath, problems)
         params = _compile_params(item.get("params"), "params" in item, join(apath, "params"),
