@@ -1,0 +1,210 @@
+"""The data plane's own Python cost per exchange, without sockets, TLS or other processes.
+
+    .venv/bin/python bench/bench_exchange.py [--exchanges 20000] [--rounds 5]
+    .venv/bin/python bench/bench_exchange.py --instructions [--exchanges 2000]   # needs valgrind
+
+A real worker (`runtime.server.Worker` with the configuration `run.py` gives Portcullis: the
+same PKI layout, 3-rule policy, audit sink writing to /dev/null) runs on uvloop. One client
+connection is driven through an in-memory transport carrying the load generator's certificate
+chain (so the SVID checks run exactly as over TLS), and its upstream is an in-memory connection
+that answers each request with the bench upstream's response (200, 13-byte body) one loop
+iteration later. Each exchange: request bytes -> listener -> pipeline -> policy -> forward ->
+response -> audit record -> metrics, in the real code.
+
+What this measures is the part no proxy can share with another: the Python work per request.
+`run.py` measures the whole (TLS, syscalls, the kernel); this isolates what our code costs, with
+less noise, so a change to the hot path can be judged in one run. Prints microseconds per
+exchange (median of rounds). `--instructions` re-runs itself under valgrind's callgrind with
+instrumentation off, switches it on (callgrind_control) only around the measured exchanges, and
+prints instructions per exchange: a count that does not depend on the machine's load, so two
+versions of the hot path can be compared exactly (startup, imports and warm-up are not counted).
+A script: no asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from proxy.config import load_config  # noqa: E402
+from proxy.runtime.server import Worker  # noqa: E402
+from proxy.runtime.upstream import UpstreamConnection  # noqa: E402
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
+RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n"
+            b"hello, world\n")
+
+
+class _Der:
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def public_bytes(self, _encoding) -> bytes:
+        return self.der
+
+
+class _SslObject:
+    def __init__(self, chain: list[bytes]) -> None:
+        self._chain = [_Der(d) for d in chain]
+        self._sslobj = self
+
+    def get_unverified_chain(self):
+        return self._chain
+
+
+class MemoryTransport(asyncio.Transport):
+    """A transport that keeps what is written; `on_write` sees each write."""
+
+    def __init__(self, extra: dict, on_write) -> None:
+        super().__init__()
+        self._extra = extra
+        self.on_write = on_write
+        self.closing = False
+
+    def get_extra_info(self, name, default=None):
+        return self._extra.get(name, default)
+
+    def write(self, data) -> None:
+        self.on_write(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Bench:
+    def __init__(self, worker: Worker, chain: list[bytes]) -> None:
+        self.worker = worker
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future | None = None
+        self.received = 0
+        plane = worker.plane
+        # the upstream side: one pooled keep-alive connection answering from memory
+        self.up = UpstreamConnection(plane.upstream)
+        self.up.connection_made(MemoryTransport({}, self._upstream_got))
+        plane.upstream.idle.append(self.up)
+        # the client side
+        self.client = plane.factory()
+        self.client.connection_made(MemoryTransport(
+            {"ssl_object": _SslObject(chain), "peername": ("127.0.0.1", 40000)},
+            self._client_got))
+
+    def _upstream_got(self, data) -> None:
+        if bytes(data).endswith(b"\r\n\r\n"):  # a whole request head (GET, no body)
+            self.loop.call_soon(self.up.data_received, RESPONSE)
+
+    def _client_got(self, data) -> None:
+        self.received += len(data)
+        if bytes(data).endswith(b"hello, world\n") and self.done is not None:
+            self.done.set_result(None)
+
+    async def exchanges(self, n: int) -> None:
+        loop, client = self.loop, self.client
+        for _ in range(n):
+            self.done = loop.create_future()
+            client.data_received(REQUEST)
+            await self.done
+
+
+async def main_async(args) -> None:
+    d = Path(tempfile.mkdtemp(prefix="portcullis-exchange-"))
+    pki = common.make_pki(d / "pki")
+    cfg_path = common.portcullis_config(pki, 1, common.free_port(), common.free_port(),
+                                        d / "sidecar.yaml")
+    cfg = load_config(cfg_path, env={})
+    worker = Worker(cfg, audit_fd=os.open(os.devnull, os.O_WRONLY))
+    worker.load()
+    task = asyncio.get_running_loop().create_task(
+        worker.run(admin=False, install_signals=False))
+    while worker.plane is None:
+        await asyncio.sleep(0.01)
+    pem = Path(pki.client_cert).read_bytes()
+    chain = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(pem)]
+    b = Bench(worker, chain)
+    await b.exchanges(200)  # warm-up: caches, peer verification memo
+    if b.received == 0:
+        raise SystemExit("no response came back: the harness is broken")
+    if args.under_callgrind:
+        ctl = ["callgrind_control", "-i"]
+        subprocess.run(ctl + ["on", str(os.getpid())], check=True, capture_output=True)
+        await b.exchanges(args.exchanges)
+        subprocess.run(ctl + ["off", str(os.getpid())], check=True, capture_output=True)
+    else:
+        per: list[float] = []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            await b.exchanges(args.exchanges)
+            per.append((time.perf_counter() - t0) / args.exchanges * 1e6)
+        print(f"{args.exchanges} exchanges x {args.rounds} rounds: "
+              f"{statistics.median(per):.1f} us per exchange (median; rounds: "
+              f"{', '.join(f'{x:.1f}' for x in per)})")
+    b.client.transport.closing = True
+    b.client.connection_lost(None)
+    worker.stop()
+    await asyncio.wait_for(task, 15)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--exchanges", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per exchange with callgrind (valgrind)")
+    ap.add_argument("--under-callgrind", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.instructions:
+        return count_instructions(args.exchanges)
+    uvloop.run(main_async(args))
+    return 0
+
+
+def count_instructions(n: int) -> int:
+    """Run this script under callgrind (instrumentation only around the exchanges) and print
+    instructions per exchange."""
+    if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+        print("valgrind is required (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "callgrind.out"
+        subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                        f"--callgrind-out-file={out}", sys.executable, __file__,
+                        "--under-callgrind", "--exchanges", str(n), "--rounds", "1"],
+                       check=True, capture_output=True)
+        total = 0
+        for line in out.read_text().splitlines():
+            if line.startswith("totals:") or line.startswith("summary:"):
+                total = int(line.split()[1])
+        print(f"{n} exchanges: {total / n:,.0f} instructions per exchange (callgrind Ir)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
