@@ -114,12 +114,12 @@ class _DecisionIds:
         self.pos = 0
 
     def next(self) -> str:
-        pos = self.pos
-        if pos + 12 > len(self.buf):
+        pos, end = self.pos, self.pos + self.SIZE
+        if end > len(self.buf):
             self.buf = os.urandom(self.CHUNK)
-            pos = 0
-        self.pos = pos + 12
-        return self.buf[pos:pos + 12].hex()
+            pos, end = 0, self.SIZE
+        self.pos = end
+        return self.buf[pos:end].hex()
 
 
 _decision_ids = _DecisionIds()
