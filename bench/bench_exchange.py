@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_exchange.py [--exchanges 20000] [--rounds 5]
     .venv/bin/python bench/bench_exchange.py --instructions [--exchanges 2000]   # needs valgrind
+    .venv/bin/python bench/bench_exchange.py --dpop     # the full pipeline (run.py's portcullis-dpop)
 
 A real worker (`runtime.server.Worker` with the configuration `run.py` gives Portcullis: the
 same PKI layout, 3-rule policy, audit sink writing to /dev/null) runs on uvloop. One client
@@ -18,6 +19,8 @@ exchange (median of rounds). `--instructions` re-runs itself under valgrind's ca
 instrumentation off, switches it on (callgrind_control) only around the measured exchanges, and
 prints instructions per exchange: a count that does not depend on the machine's load, so two
 versions of the hot path can be compared exactly (startup, imports and warm-up are not counted).
+`--dpop`: the configuration of `run.py`'s full-pipeline target (a DPoP-bound access token,
+verified once and then cached, and a fresh ES256 proof per request, minted before the run).
 A script: no asserts.
 """
 
@@ -101,7 +104,8 @@ class MemoryTransport(asyncio.Transport):
 
 
 class Bench:
-    def __init__(self, worker: Worker, chain: list[bytes]) -> None:
+    def __init__(self, worker: Worker, chain: list[bytes], requests=None) -> None:
+        self.requests = requests  # an iterator of request bytes (DPoP: one proof each), or None
         self.worker = worker
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future | None = None
@@ -127,18 +131,29 @@ class Bench:
             self.done.set_result(None)
 
     async def exchanges(self, n: int) -> None:
-        loop, client = self.loop, self.client
+        loop, client, requests = self.loop, self.client, self.requests
         for _ in range(n):
             self.done = loop.create_future()
-            client.data_received(REQUEST)
+            client.data_received(REQUEST if requests is None else next(requests))
             await self.done
 
 
 async def main_async(args) -> None:
     d = Path(tempfile.mkdtemp(prefix="portcullis-exchange-"))
     pki = common.make_pki(d / "pki")
-    cfg_path = common.portcullis_config(pki, 1, common.free_port(), common.free_port(),
-                                        d / "sidecar.yaml")
+    port = common.free_port()
+    creds = requests = None
+    if args.dpop:
+        from dpop_load import Credentials
+        creds = Credentials(d)
+    cfg_path = common.portcullis_config(pki, 1, port, common.free_port(), d / "sidecar.yaml",
+                                        dpop_jwks=creds.jwks_path if creds else None)
+    if creds is not None:
+        total = 200 + (args.exchanges * (1 if args.under_callgrind else args.rounds))
+        proofs = creds.proofs(f"https://{common.HOST}:{port}/", total, d / "proofs.txt")
+        requests = iter([(f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"Authorization: DPoP {creds.token}\r\nDPoP: {line.strip()}\r\n\r\n"
+                          ).encode() for line in proofs.read_text().splitlines()])
     cfg = load_config(cfg_path, env={})
     worker = Worker(cfg, audit_fd=os.open(os.devnull, os.O_WRONLY))
     worker.load()
@@ -148,7 +163,7 @@ async def main_async(args) -> None:
         await asyncio.sleep(0.01)
     pem = Path(pki.client_cert).read_bytes()
     chain = [c.public_bytes(Encoding.DER) for c in x509.load_pem_x509_certificates(pem)]
-    b = Bench(worker, chain)
+    b = Bench(worker, chain, requests)
     await b.exchanges(200)  # warm-up: caches, peer verification memo
     if b.received == 0:
         raise SystemExit("no response came back: the harness is broken")
@@ -178,15 +193,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--instructions", action="store_true",
                     help="count instructions per exchange with callgrind (valgrind)")
+    ap.add_argument("--dpop", action="store_true",
+                    help="full pipeline: DPoP-bound token + a fresh ES256 proof per request")
     ap.add_argument("--under-callgrind", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.instructions:
-        return count_instructions(args.exchanges)
+        return count_instructions(args.exchanges, ["--dpop"] if args.dpop else [])
     uvloop.run(main_async(args))
     return 0
 
 
-def count_instructions(n: int) -> int:
+def count_instructions(n: int, extra: list[str]) -> int:
     """Run this script under callgrind (instrumentation only around the exchanges) and print
     instructions per exchange."""
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
@@ -196,7 +213,7 @@ def count_instructions(n: int) -> int:
         out = Path(d) / "callgrind.out"
         subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                         f"--callgrind-out-file={out}", sys.executable, __file__,
-                        "--under-callgrind", "--exchanges", str(n), "--rounds", "1"],
+                        "--under-callgrind", "--exchanges", str(n), "--rounds", "1", *extra],
                        check=True, capture_output=True)
         total = 0
         for line in out.read_text().splitlines():
