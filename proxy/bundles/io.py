@@ -300,7 +300,7 @@ def to_targz(bundle: Bundle) -> bytes:
     return out.getvalue()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -308,7 +308,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one,
+    never a mix: a temporary file in the same directory, fsync, rename over `path`, and (unless
+    the caller syncs the directory itself later) fsync of the directory."""
     directory = path.parent
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.tmp-")
     try:
@@ -324,12 +327,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    if sync_dir:
+        fsync_dir(directory)
 
 
 def write_targz(bundle: Bundle, path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    _atomic_write(p, to_targz(bundle))
+    atomic_write(p, to_targz(bundle))
     return p
 
 
@@ -360,16 +364,16 @@ def write_dir(bundle: Bundle, path: str | os.PathLike[str]) -> Path:
                 os.fsync(f.fileno())
         for d in sorted((d for d in dirs if d == tmp or tmp in d.parents),
                         key=lambda d: len(d.parts), reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         if p.exists():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{p.name}.old-"))
             os.rename(p, old / "b")
             os.rename(tmp, p)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, p)
-            _fsync_dir(parent)
+            fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -410,7 +414,7 @@ def persist(vb: VerifiedBundle, directory: str | os.PathLike[str],
             kept = None  # a corrupt cache entry is replaced
         if kept is not None and kept >= vb.revision:
             return False
-        _atomic_write(d / PERSIST_NAME, to_targz(vb.bundle()))
+        atomic_write(d / PERSIST_NAME, to_targz(vb.bundle()))
         return True
     finally:
         os.close(lock_fd)  # releases the lock

@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from proxy.bundles.io import Limits, read_source_dir, read_targz_bytes, to_targz, unsafe_name
+from proxy.bundles.io import (Limits, atomic_write, read_source_dir, read_targz_bytes, to_targz,
+                              unsafe_name)
 from proxy.controlplane import revocations as rv
 from proxy.controlplane.config import BundleConfig
 from proxy.core import bundle as cb
@@ -222,33 +222,6 @@ def read_source_targz(data: bytes, limits: Limits,
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if sync_dir:
-        _fsync_dir(path.parent)
 
 
 def _rev_name(revision: int, ext: str) -> str:
