@@ -22,7 +22,7 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends curl prometheus >/dev/null; }
 
 test: venv system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rfE
 
 test-fast: venv
 	$(PY) -m pytest -q -x -m 'not slow'
