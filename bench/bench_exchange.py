@@ -214,7 +214,8 @@ def count_instructions(n: int, extra: list[str]) -> int:
         subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
                         f"--callgrind-out-file={out}", sys.executable, __file__,
                         "--under-callgrind", "--exchanges", str(n), "--rounds", "1", *extra],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True,
+                       env={**os.environ, "PYTHONHASHSEED": "0"})  # the same dict layouts each run
         total = 0
         for line in out.read_text().splitlines():
             if line.startswith("totals:") or line.startswith("summary:"):
