@@ -602,11 +602,13 @@ def verify_svid_chain(chain_der: Sequence[bytes], store: TrustStore, now: float)
 
 
 class PeerCertificates:
-    """Per TLS connection: the chain the peer presented (leaf first, DER), plus a memo of the last
-    verification keyed by `TrustStore.version` (a pure-function memo: same chain, same store
-    version, same answer; only the validity window depends on `now` and is checked every call)."""
+    """The chain a TLS peer presented (leaf first, DER), plus a memo of the last verification
+    keyed by `TrustStore.version` (a pure-function memo: same chain, same store version, same
+    answer; only the validity window depends on `now` and is checked every call). Because the memo
+    depends on nothing but the chain bytes, connections that presented byte-identical chains may
+    share one instance (the runtime does, weakly: `runtime.listener.PeerChains`)."""
 
-    __slots__ = ("chain_der", "_parsed", "_version", "_identity", "_failure")
+    __slots__ = ("chain_der", "_parsed", "_version", "_identity", "_failure", "__weakref__")
 
     def __init__(self, chain_der: tuple[bytes, ...]) -> None:
         self.chain_der = tuple(chain_der)

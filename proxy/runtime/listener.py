@@ -41,6 +41,7 @@ import re
 import socket
 import struct
 import time
+import weakref
 from typing import TYPE_CHECKING, Callable
 
 import httptools
@@ -122,6 +123,32 @@ class _DecisionIds:
         return self.buf[pos:end].hex()
 
 
+class PeerChains:
+    """The parsed, verified peer chains of the live connections, shared by connections that
+    presented byte-identical chains (a client pool of one workload opens many connections with
+    one SVID): the chain is parsed and verified once instead of once per connection, and held
+    once in memory. Weak values: an entry lives exactly as long as a connection uses it, so the
+    map is bounded by the open connections. Safe because `PeerCertificates` memoises a pure
+    function of the chain bytes and the trust store version (`core.spiffe.verify_peer`)."""
+
+    __slots__ = ("_live",)
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakValueDictionary[tuple[bytes, ...], PeerCertificates] = \
+            weakref.WeakValueDictionary()
+
+    def get(self, chain: tuple[bytes, ...]) -> PeerCertificates:
+        if not chain:
+            return PeerCertificates(())
+        peer = self._live.get(chain)
+        if peer is None:
+            peer = self._live[chain] = PeerCertificates(chain)
+        return peer
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+
 _decision_ids = _DecisionIds()
 os.register_at_fork(after_in_child=_decision_ids.reset)
 _next_decision_id = _decision_ids.next
@@ -163,6 +190,7 @@ class DataPlane:
         self.loop, self.cfg, self.metrics, self.sink = loop, cfg, metrics, sink
         self.upstream, self.sweeper, self.get_state, self.worker = upstream, sweeper, get_state, worker
         self.conns: set[ClientConnection] = set()
+        self.peers = PeerChains()
         self.draining = False
         self.wall = _Wall()
         self.request_id_header = cfg.headers.request_id.encode()
@@ -524,7 +552,7 @@ class ClientConnection(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             except (OSError, AttributeError):
                 pass
-        self.peer = PeerCertificates(peer_chain_der(transport))
+        self.peer = plane.peers.get(peer_chain_der(transport))
         peername = transport.get_extra_info("peername")
         if isinstance(peername, tuple) and len(peername) >= 2:
             self.client_addr = f"{peername[0]}:{peername[1]}"

@@ -168,3 +168,40 @@ async def test_promtool_accepts_a_real_scrape(sidecar, pki):
         assert name in body, name
     # bounded labels only: no SPIFFE IDs, paths or subjects in the exposition
     assert "spiffe://" not in body and "/api/x" not in body and BATCH_ID not in body
+
+
+async def test_connections_with_the_same_chain_share_one_verified_peer(sidecar, pki):
+    """A workload's client pool opens many connections with one SVID: its chain is parsed and
+    verified once, held once, and let go with the last connection (runtime.listener.PeerChains).
+    Another SVID gets its own entry, and each connection is still authorised as itself."""
+    conns = [await RawClient.connect(sidecar.port, pki.client("frontend"), pki) for _ in range(3)]
+    other = await RawClient.connect(sidecar.port, pki.client("batch"), pki)
+    for c in conns + [other]:
+        await c.send(GET)
+    statuses = [(await c.read_response())[0] for c in conns + [other]]
+    assert statuses == [200, 200, 200, 403]  # batch is denied by the default policy
+    plane = sidecar.worker.plane
+    peers = {id(c.peer) for c in plane.conns}
+    assert len(plane.conns) == 4 and len(peers) == 2 and len(plane.peers) == 2
+    for c in conns + [other]:
+        await c.close()
+    for _ in range(200):
+        if not plane.conns:
+            break
+        await asyncio.sleep(0.01)
+    import gc
+    gc.collect()
+    assert len(plane.peers) == 0
+
+
+def test_peer_chains_share_by_exact_bytes_and_hold_weakly():
+    from proxy.runtime.listener import PeerChains
+    chains = PeerChains()
+    a1, a2 = chains.get((b"leaf-a", b"ca")), chains.get((b"leaf-a", b"ca"))
+    b = chains.get((b"leaf-b", b"ca"))
+    assert a1 is a2 and b is not a1 and len(chains) == 2
+    assert chains.get(()) is not chains.get(())  # no chain: nothing to share
+    del a1, a2, b
+    import gc
+    gc.collect()
+    assert len(chains) == 0
