@@ -47,29 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from proxy.config import load_config  # noqa: E402
+from proxy.dev.transports import PresentedChain  # noqa: E402
 from proxy.runtime.server import Worker  # noqa: E402
 from proxy.runtime.upstream import UpstreamConnection  # noqa: E402
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8443\r\n\r\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\n"
             b"hello, world\n")
-
-
-class _Der:
-    def __init__(self, der: bytes) -> None:
-        self.der = der
-
-    def public_bytes(self, _encoding) -> bytes:
-        return self.der
-
-
-class _SslObject:
-    def __init__(self, chain: list[bytes]) -> None:
-        self._chain = [_Der(d) for d in chain]
-        self._sslobj = self
-
-    def get_unverified_chain(self):
-        return self._chain
 
 
 class MemoryTransport(asyncio.Transport):
@@ -118,7 +102,7 @@ class Bench:
         # the client side
         self.client = plane.factory()
         self.client.connection_made(MemoryTransport(
-            {"ssl_object": _SslObject(chain), "peername": ("127.0.0.1", 40000)},
+            {"ssl_object": PresentedChain(chain), "peername": ("127.0.0.1", 40000)},
             self._client_got))
 
     def _upstream_got(self, data) -> None:

@@ -29,30 +29,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.config import load_config
+from proxy.dev.transports import PresentedChain
 from proxy.runtime.server import Worker
 from tests.factories import FRONTEND_ID, make_pki, write_config
 from tests.upstreams import UpstreamServer
 
 # -- the in-memory transport --------------------------------------------------------------------
-
-
-class _Der:
-    def __init__(self, der: bytes) -> None:
-        self.der = der
-
-    def public_bytes(self, _encoding) -> bytes:
-        return self.der
-
-
-class _SslObject:
-    """What `runtime.tls.peer_chain_der` reads (the 3.13 public API and the older private one)."""
-
-    def __init__(self, chain: list[bytes]) -> None:
-        self._chain = [_Der(d) for d in chain]
-        self._sslobj = self
-
-    def get_unverified_chain(self):
-        return self._chain
 
 
 class FakeTransport(asyncio.Transport):
@@ -65,7 +47,7 @@ class FakeTransport(asyncio.Transport):
         self.aborted = False
         self.paused = False
         self.lost = False
-        self._extra = {"ssl_object": _SslObject(chain), "peername": ("127.0.0.1", 40000),
+        self._extra = {"ssl_object": PresentedChain(chain), "peername": ("127.0.0.1", 40000),
                        "socket": None}
 
     def get_extra_info(self, name, default=None):
