@@ -17,7 +17,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, TypeVar
 
 import yaml
 
@@ -348,17 +348,31 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[Pr
     return problems
 
 
-def _resolve(cfg: Config, base: Path) -> Config:
+_Identity = TypeVar("_Identity")
+
+
+def path_resolver(base: Path) -> Callable[[str | None], str | None]:
+    """Config file paths are relative to the config file's directory: `r(p)` is `p` made
+    absolute against `base` (None stays None)."""
     def r(p: str | None) -> str | None:
         if p is None:
             return None
         path = Path(p)
         return str(path if path.is_absolute() else (base / path))
+    return r
 
-    ident = cfg.identity
+
+def resolve_identity(ident: _Identity, r: Callable[[str | None], str | None]) -> _Identity:
+    """An identity section (the sidecar's or the control plane's: `svid_file`, `svid_key_file`,
+    `trust_domains`) with those paths resolved by `r` (`path_resolver`)."""
     tds = tuple(dataclasses.replace(t, bundle_file=r(t.bundle_file)) for t in ident.trust_domains)
-    ident = dataclasses.replace(ident, svid_file=r(ident.svid_file), svid_key_file=r(ident.svid_key_file),
-                                trust_domains=tds)
+    return dataclasses.replace(ident, svid_file=r(ident.svid_file),
+                               svid_key_file=r(ident.svid_key_file), trust_domains=tds)
+
+
+def _resolve(cfg: Config, base: Path) -> Config:
+    r = path_resolver(base)
+    ident = resolve_identity(cfg.identity, r)
     issuers = tuple(dataclasses.replace(i, jwks_file=r(i.jwks_file), jwks_ca_file=r(i.jwks_ca_file))
                     for i in cfg.tokens.issuers)
     bundle = cfg.policy.bundle

@@ -125,6 +125,21 @@ class BadRequest(ProxyError):
     decision = "deny"
 
 
+class InvalidInput(BadRequest):
+    """400 listing every problem of a request body (`problems`: [{file?, path, message}]); the
+    control plane's API adds them to the error body."""
+
+    def __init__(self, code: str, problems: list[dict[str, str]], detail: str = "") -> None:
+        super().__init__(code, detail or f"{len(problems)} problem(s)")
+        self.problems = problems
+
+
+class NotFound(ProxyError):
+    status = 404
+    default_code = "not_found"
+    decision = "deny"
+
+
 class RequestTimeout(ProxyError):
     status = 408
     default_code = "request_timeout"

@@ -148,10 +148,15 @@ def _gunzip(data: bytes, cap: int) -> bytes:
     return out
 
 
-def read_targz_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Bundle:
-    """A bundle from tar.gz bytes (a file, or a response body). See the module rules."""
+def read_targz_files(data: bytes, limits: Limits = DEFAULT_LIMITS, *, source: bool = False,
+                     skipped: list[str] | None = None) -> dict[str, bytes]:
+    """The regular files of tar.gz bytes, under the module's member rules (regular files and
+    directories only, no links or devices, no absolute, `..` or empty segments, no duplicates,
+    the limits, a capped inflate). `source=True` reads a source directory as `tar -czf` makes
+    it: directory entries may end in "/", and hidden entries (a segment starting with ".", e.g.
+    an old `.manifest.json` or macOS `._*` files) are skipped and listed in `skipped`."""
     if len(data) > limits.max_total_bytes:
-        raise BundleError("bundle_too_large", f"archive larger than {limits.max_total_bytes}")
+        raise BundleError("bundle_too_large", f"archive larger than {limits.max_total_bytes} bytes")
     cap = limits.max_total_bytes + (limits.max_files + 2) * _TAR_OVERHEAD
     raw = _gunzip(data, cap)
     budget = _Budget(limits)
@@ -161,6 +166,8 @@ def read_targz_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Bundle:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
             while (m := tf.next()) is not None:
                 name = m.name[2:] if m.name.startswith("./") else m.name
+                if source and m.isdir():
+                    name = name.rstrip("/")
                 if m.isdir() and name in ("", "."):
                     continue
                 why = unsafe_name(name)
@@ -169,13 +176,17 @@ def read_targz_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Bundle:
                 if name in seen:
                     raise BundleError("bundle_unsafe_path", f"tar member {name!r} appears twice")
                 seen.add(name)
-                if m.type == tarfile.DIRTYPE:
+                if m.isdir():
                     continue
                 if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
                     kind = ("symbolic link" if m.issym() else "hard link" if m.islnk()
                             else "device" if m.isdev() else f"type {m.type!r}")
                     raise BundleError("bundle_unsafe_path",
                                       f"tar member {name!r} is a {kind}, not a regular file")
+                if source and any(seg.startswith(".") for seg in name.split("/")):
+                    if skipped is not None:
+                        skipped.append(name)
+                    continue
                 budget.take(name, m.size)
                 f = tf.extractfile(m)
                 content = f.read() if f is not None else b""
@@ -186,7 +197,12 @@ def read_targz_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Bundle:
         raise BundleError("bundle_unreadable", f"not a valid tar archive: {exc}") from None
     except EOFError:
         raise BundleError("bundle_unreadable", "truncated tar archive") from None
-    return _assemble(entries, "archive")
+    return entries
+
+
+def read_targz_bytes(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Bundle:
+    """A bundle from tar.gz bytes (a file, or a response body). See the module rules."""
+    return _assemble(read_targz_files(data, limits), "archive")
 
 
 def _read_regular(path: Path, rel: str, budget: _Budget) -> bytes:

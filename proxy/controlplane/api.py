@@ -57,7 +57,7 @@ from proxy.core.policy import evaluate
 from proxy.core.schema import build, meta
 from proxy.core.spiffe import verify_svid_chain
 from proxy.errors import (BadRequest, BundleError, ConfigError, Denied, InternalError,
-                          MethodNotAllowed, PayloadTooLarge, ProxyError)
+                          InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError)
 from proxy.runtime.responses import render_error
 from proxy.runtime.tls import peer_chain_der
 
@@ -73,20 +73,6 @@ AUDIT: Any = _Key("portcullis_audit", dict) if _Key else "portcullis_audit"
 
 GZIP = "application/gzip"
 OPA_LONG_POLL = "application/vnd.openpolicyagent.bundles"
-
-
-class NotFound(ProxyError):
-    status = 404
-    default_code = "not_found"
-    decision = "deny"
-
-
-class InvalidInput(BadRequest):
-    """400 listing every problem of a request body (`problems`: [{file?, path, message}])."""
-
-    def __init__(self, code: str, problems: list[dict[str, str]], detail: str = "") -> None:
-        super().__init__(code, detail or f"{len(problems)} problem(s)")
-        self.problems = problems
 
 
 @dataclass(frozen=True, slots=True)

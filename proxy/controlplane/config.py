@@ -19,7 +19,7 @@ from typing import Literal, Mapping
 
 import yaml
 
-from proxy.config import TrustDomainConfig, apply_env_overrides
+from proxy.config import TrustDomainConfig, apply_env_overrides, path_resolver, resolve_identity
 from proxy.core.schema import build, meta
 from proxy.errors import ConfigError
 
@@ -144,18 +144,10 @@ class ControlPlaneConfig:
 
 
 def _resolve(cfg: ControlPlaneConfig, base: Path) -> ControlPlaneConfig:
-    def r(p: str | None) -> str | None:
-        if p is None:
-            return None
-        path = Path(p)
-        return str(path if path.is_absolute() else (base / path))
-
-    ident = cfg.identity
-    tds = tuple(dataclasses.replace(t, bundle_file=r(t.bundle_file)) for t in ident.trust_domains)
+    r = path_resolver(base)
     return dataclasses.replace(
         cfg,
-        identity=dataclasses.replace(ident, svid_file=r(ident.svid_file),
-                                     svid_key_file=r(ident.svid_key_file), trust_domains=tds),
+        identity=resolve_identity(cfg.identity, r),
         signing=dataclasses.replace(
             cfg.signing, key_file=r(cfg.signing.key_file),
             previous_public_key_files=tuple(r(f) for f in cfg.signing.previous_public_key_files)),

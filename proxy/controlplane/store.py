@@ -28,22 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from proxy.bundles.io import (Limits, atomic_write, read_source_dir, read_targz_bytes, to_targz,
-                              unsafe_name)
+from proxy.bundles.io import (Limits, atomic_write, read_source_dir, read_targz_bytes,
+                              read_targz_files, to_targz)
 from proxy.controlplane import revocations as rv
 from proxy.controlplane.config import BundleConfig
 from proxy.core import bundle as cb
@@ -53,7 +50,6 @@ from proxy.errors import BundleError, ConfigError, InvalidValue, Problem
 log = logging.getLogger("portcullis.controlplane.store")
 
 _REVISION_FILE = re.compile(r"r(\d{12})\.tar\.gz")
-_TAR_OVERHEAD = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,72 +147,10 @@ def validate_files(files: Mapping[str, bytes], *, revision: int,
 def read_source_targz(data: bytes, limits: Limits,
                       skipped: list[str] | None = None) -> dict[str, bytes]:
     """The files of an uploaded source archive (tar.gz of a source directory: `policy.yaml`,
-    `data/...`). Same member rules as `bundles.io.read_targz_bytes` (regular files and directories
-    only, no links/devices, no absolute, `..` or empty segments, no duplicates, limits with a
-    capped inflate), but no manifest is expected: hidden entries (a segment starting with ".",
-    e.g. an old `.manifest.json` or macOS `._*` files) are skipped and listed in `skipped`.
-    BundleError `bundle_unreadable` / `bundle_unsafe_path` / `bundle_too_large`."""
-    if len(data) > limits.max_total_bytes:
-        raise BundleError("bundle_too_large", f"archive larger than {limits.max_total_bytes} bytes")
-    cap = limits.max_total_bytes + (limits.max_files + 2) * _TAR_OVERHEAD
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        raw = d.decompress(data, cap + 1)
-    except zlib.error as exc:
-        raise BundleError("bundle_unreadable", f"not a gzip stream: {exc}") from None
-    if len(raw) > cap or d.unconsumed_tail:
-        raise BundleError("bundle_too_large", f"inflates to more than {cap} bytes")
-    if not d.eof:
-        raise BundleError("bundle_unreadable", "truncated gzip stream")
-    if d.unused_data:
-        raise BundleError("bundle_unreadable", "data after the gzip stream")
-    files: dict[str, bytes] = {}
-    seen: set[str] = set()
-    total = count = 0
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tf:
-            while (m := tf.next()) is not None:
-                name = m.name[2:] if m.name.startswith("./") else m.name
-                name = name.rstrip("/") if m.isdir() else name
-                if m.isdir() and name in ("", "."):
-                    continue
-                why = unsafe_name(name)
-                if why:
-                    raise BundleError("bundle_unsafe_path", f"tar member {m.name!r}: {why}")
-                if name in seen:
-                    raise BundleError("bundle_unsafe_path", f"tar member {name!r} appears twice")
-                seen.add(name)
-                if m.isdir():
-                    continue
-                if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
-                    kind = ("symbolic link" if m.issym() else "hard link" if m.islnk()
-                            else "device" if m.isdev() else f"type {m.type!r}")
-                    raise BundleError("bundle_unsafe_path",
-                                      f"tar member {name!r} is a {kind}, not a regular file")
-                if any(seg.startswith(".") for seg in name.split("/")):
-                    if skipped is not None:
-                        skipped.append(name)
-                    continue
-                count += 1
-                total += m.size
-                if count > limits.max_files:
-                    raise BundleError("bundle_too_large", f"more than {limits.max_files} files")
-                if m.size > limits.max_file_bytes:
-                    raise BundleError("bundle_too_large",
-                                      f"{name}: {m.size} bytes > {limits.max_file_bytes} per file")
-                if total > limits.max_total_bytes:
-                    raise BundleError("bundle_too_large",
-                                      f"more than {limits.max_total_bytes} bytes in all")
-                f = tf.extractfile(m)
-                content = f.read() if f is not None else b""
-                if len(content) != m.size:
-                    raise BundleError("bundle_unreadable", f"tar member {name!r} is truncated")
-                files[name] = content
-    except tarfile.TarError as exc:
-        raise BundleError("bundle_unreadable", f"not a valid tar archive: {exc}") from None
-    except EOFError:
-        raise BundleError("bundle_unreadable", "truncated tar archive") from None
-    return files
+    `data/...`): `bundles.io.read_targz_files` in source mode (no manifest expected; hidden
+    entries skipped and listed in `skipped`). BundleError `bundle_unreadable` /
+    `bundle_unsafe_path` / `bundle_too_large`."""
+    return read_targz_files(data, limits, source=True, skipped=skipped)
 
 
 # --------------------------------------------------------------------------------------------

@@ -671,6 +671,22 @@ class PolicyIndex:
     workload_memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+def _first_match(root: "TrieNode | None", method: str, path: str) -> int:
+    """The smallest entry number (file order) among the entries of a route trie (`root`, built
+    by the index) whose route matches `method` + canonical `path`; -1 for none, for no trie, or
+    for a path that does not start with "/". One trie walk."""
+    if root is None or path[:1] != "/":
+        return -1
+    best = -1
+    for ms in walk(root, path.split("/"), 1):
+        cand = ms.by_method.get(method, ms.any)
+        if cand:
+            m = min(cand)
+            if best < 0 or m < best:
+                best = m
+    return best
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     """One compiled policy revision. `trust_domains` are those its workload patterns name;
@@ -696,16 +712,7 @@ class CompiledPolicy:
         `DEFAULT_AUTH` (token optional, binding any). Indexed: one trie walk over the canonical
         path; a path that does not start with "/" matches no entry."""
         idx = self.index
-        root = idx.auth_root if idx is not None else None
-        if root is None or path[:1] != "/":
-            return DEFAULT_AUTH
-        best = -1
-        for ms in walk(root, path.split("/"), 1):
-            cand = ms.by_method.get(method, ms.any)
-            if cand:
-                m = min(cand)
-                if best < 0 or m < best:
-                    best = m
+        best = _first_match(idx.auth_root if idx is not None else None, method, path)
         return DEFAULT_AUTH if best < 0 else idx.auth_requirements[best]  # type: ignore[union-attr]
 
     def authentication_linear(self, method: str, path: str) -> AuthRequirement:
@@ -725,16 +732,7 @@ class CompiledPolicy:
         """The first action (file order) whose route matches the request: an
         `actions.ActionSpec`, or None. Indexed like `authentication_for`."""
         idx = self.index
-        root = idx.action_root if idx is not None else None
-        if root is None or path[:1] != "/":
-            return None
-        best = -1
-        for ms in walk(root, path.split("/"), 1):
-            cand = ms.by_method.get(method, ms.any)
-            if cand:
-                m = min(cand)
-                if best < 0 or m < best:
-                    best = m
+        best = _first_match(idx.action_root if idx is not None else None, method, path)
         return None if best < 0 else idx.action_specs[best]  # type: ignore[union-attr]
 
     def action_linear(self, method: str, path: str) -> Any:
