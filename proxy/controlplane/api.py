@@ -3,12 +3,13 @@
 Every request, in this order (one middleware, so no handler can be reached another way):
 1. The TLS handshake already required a client certificate chaining to one of the configured
    trust bundles (OpenSSL, a coarse gate: no certificate / an unknown CA never gets here).
-2. The presented chain is verified as an X.509-SVID against the bundle of the leaf's OWN trust
-   domain (`core.spiffe.verify_svid_chain`)                                   else 403 svid_*
-3. The request target is canonicalised (`core.paths`); the router must see the same path
-                                                                       else 400 invalid_path
-4. The control plane's own policy (`core.policy.evaluate` on a RequestContext of the verified
-   SPIFFE ID, method and canonical path) must allow it     else 403 no_matching_rule/denied_by_rule
+2-4. `core.pipeline.authorize`, the sidecar's one check order, with the control plane's trust
+   bundles and its own policy (no token issuers): the presented chain is verified as an
+   X.509-SVID against the bundle of the leaf's OWN trust domain              else 403 svid_*;
+   the request target is canonicalised                                  else 400 invalid_*;
+   the policy decides on the verified SPIFFE ID, method and canonical path
+                                                 else 403 no_matching_rule / denied_by_rule.
+   Then the router must see the same path as the decision did         else 400 invalid_path.
 5. The handler. Its failures are `ProxyError`s (or the router's 404/405, mapped to ours).
 6. One JSON audit line on stdout for every management request and every refused request; allowed
    bundle fetches and status reports (the fleet's steady traffic) only with
@@ -51,12 +52,10 @@ from proxy.controlplane.config import valid_bundle_name
 from proxy.controlplane.fleet import StatusReport
 from proxy.controlplane.store import PublishRejected, RevisionNotFound, read_source_targz
 from proxy.core import bundle as cb
-from proxy.core.model import RequestContext
-from proxy.core.paths import canonicalize_target
-from proxy.core.policy import evaluate
+from proxy.core.pipeline import RequestFacts, State, authorize, deny_error
 from proxy.core.schema import build, meta
-from proxy.core.spiffe import verify_svid_chain
-from proxy.errors import (BadRequest, BundleError, ConfigError, Denied, InternalError,
+from proxy.core.spiffe import PeerCertificates
+from proxy.errors import (BadRequest, BundleError, ConfigError, InternalError,
                           InvalidInput, MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError)
 from proxy.runtime.responses import render_error
 from proxy.runtime.tls import peer_chain_der
@@ -192,19 +191,20 @@ def make_app(cp: ControlPlane) -> web.Application:
         rule_id = None
         try:
             transport = request.transport
-            chain = peer_chain_der(transport) if transport is not None else ()
-            peer = verify_svid_chain(chain, cp.trust, now)
-            request[PEER] = peer
-            target = canonicalize_target(request.raw_path)
-            if target.path != request.path:
+            facts = RequestFacts(request.method, request.raw_path, PeerCertificates(
+                peer_chain_der(transport) if transport is not None else ()))
+            state = State(trust=cp.trust, policy=policy, mode="enforce",
+                          own_id=str(cp.svid_input.value.spiffe_id))
+            try:  # the sidecar's check order (core.pipeline): SVID, target, policy
+                decision = authorize(facts, state, now)
+            finally:
+                peer = facts.peer.identity  # None when the caller's SVID did not verify
+                request[PEER] = peer
+            if decision.target.path != request.path:
                 raise BadRequest("invalid_path", "the router would read the path differently")
-            outcome = evaluate(policy, RequestContext(
-                workload=peer.spiffe_id, workload_uri=peer.uri, method=request.method,
-                path=target.path, query=target.query), now=now).outcome
-            rule_id = outcome.rule_id
-            if outcome.effect != "allow":
-                raise Denied(outcome.code if outcome.effect == "deny" else "denied",
-                             rule_id=outcome.rule_id)
+            rule_id = decision.rule_id
+            if not decision.allowed:
+                raise deny_error(decision)
             try:
                 resp = await handler(request)
             except web.HTTPException as exc:
