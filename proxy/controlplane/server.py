@@ -34,6 +34,7 @@ from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, p
 from proxy.errors import ConfigError, Problem
 from proxy.runtime.refresher import Refreshable
 from proxy.runtime.sources import FileSource
+from proxy.runtime.tasks import cancel_and_wait
 from proxy.runtime.tls import TlsSwitch, server_context
 
 log = logging.getLogger("portcullis.controlplane")
@@ -197,13 +198,8 @@ class ControlPlane:
     async def stop(self) -> None:
         if self.store is not None:
             self.store.close()  # long polls answer now
-        if self._watch is not None:
-            self._watch.cancel()
-            try:
-                await self._watch
-            except asyncio.CancelledError:
-                pass
-            self._watch = None
+        await cancel_and_wait(self._watch)
+        self._watch = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -44,6 +44,7 @@ from proxy.core.bundle import EMPTY_REVOCATIONS, Revocations, VerifiedBundle, re
 from proxy.core.policy import CompiledPolicy, compile_policy
 from proxy.errors import BundleError, ConfigError, InvalidValue, Problem
 from proxy.runtime.sources import FileSource
+from proxy.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("portcullis.bundle")
 
@@ -255,12 +256,7 @@ class BundleSource:
         await old.close()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 

@@ -31,6 +31,7 @@ import aiohttp
 
 from proxy.core.jose import JWKSet, parse_jwks
 from proxy.errors import InvalidValue
+from proxy.runtime.tasks import cancel_and_wait
 
 log = logging.getLogger("portcullis.jwks")
 
@@ -71,12 +72,7 @@ class RemoteJwks:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 
