@@ -27,7 +27,7 @@ from proxy.core.jose import b64url_decode, b64url_encode, parse_jwks, thumbprint
 from proxy.core.replay import MemoryReplayStore
 from proxy.core.tokens import IssuerPolicy, verify_access_token
 from proxy.dev import tokens as devtokens
-from proxy.dev.ca import DevCA
+from proxy.dev.ca import DevCA, public_jwk
 from proxy.errors import DPoPError, TokenError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,8 +264,19 @@ def test_dpop_bound_token_and_proof_pass_every_check(idp: Path, tmp_path: Path) 
 
 def test_dpop_jkt_binds_like_the_key_file(idp: Path, tmp_path: Path) -> None:
     jkt = one_line("dpop-key", "--out", str(tmp_path / "client.key"))
-    tok = one_line(*token_args(idp, "--dpop-jkt", jkt))
+    tok = one_line(*token_args(idp, f"--dpop-jkt={jkt}"))
     assert verify_access_token(tok, issuers(idp), time.time()).cnf_jkt == jkt
+
+
+def test_dpop_jkt_that_starts_with_a_dash_is_taken_in_the_documented_form(idp: Path) -> None:
+    # A base64url thumbprint begins with '-' once in 64 keys; argparse reads `--dpop-jkt -x...`
+    # as a missing value (a CI run hit exactly that), so the help and README say --dpop-jkt=JKT.
+    while not (jkt := thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+               ).startswith("-"):
+        pass
+    tok = one_line(*token_args(idp, f"--dpop-jkt={jkt}"))
+    assert verify_access_token(tok, issuers(idp), time.time()).cnf_jkt == jkt
+    assert "--dpop-jkt=JKT" in "".join(dev("token", "--help").stdout.split())  # wrapped at -
 
 
 def test_each_proof_has_a_fresh_jti_and_a_replay_is_caught(tmp_path: Path) -> None:

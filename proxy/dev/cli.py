@@ -221,7 +221,9 @@ def register(subparsers: Any) -> None:
     bind = p.add_mutually_exclusive_group()
     bind.add_argument("--dpop-key", metavar="FILE",
                       help="bind to this DPoP key (cnf.jkt; the key from `dev dpop-key`)")
-    bind.add_argument("--dpop-jkt", metavar="JKT", help="bind to this DPoP key thumbprint")
+    bind.add_argument("--dpop-jkt", metavar="JKT",
+                      help="bind to this DPoP key thumbprint; write --dpop-jkt=JKT, since a "
+                           "base64url thumbprint may begin with '-'")
     bind.add_argument("--mtls-cert", metavar="FILE",
                       help="bind to this client certificate (cnf x5t#S256; PEM leaf or DER)")
     p.add_argument("--authorization-details", metavar="JSON",
