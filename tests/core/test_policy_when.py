@@ -274,3 +274,24 @@ def test_a_deny_rule_whose_condition_errors_denies(doc: dict, params: dict,
     ctx = RequestContext(sid, str(sid), "POST", "/pay/1", "", token, None, "pay",
                          MappingProxyType({k: v for k, v in params.items() if k != "meta"}))
     assert evaluate(policy, ctx).outcome.effect == "deny"
+
+
+def test_the_cel_runtime_is_loaded_only_by_a_policy_with_conditions() -> None:
+    # ~14 MiB of RSS per process (bench/README.md, goal 5): a policy without `when` never pays it
+    import subprocess
+    import sys
+    probe = """
+import sys
+from proxy.config import load_config  # noqa: F401 - everything a worker imports
+from proxy.runtime.server import Worker  # noqa: F401
+from proxy.core.policy import compile_policy
+rule = {"id": "r", "effect": "allow", "from": {"workloads": ["spiffe://example.org/a"]},
+        "to": [{"paths": ["/"]}]}
+compile_policy({"version": 1, "revision": "r", "rules": [rule]})
+print("cel" in sys.modules)
+compile_policy({"version": 1, "revision": "r", "rules": [{**rule, "when": "request.method == 'GET'"}]})
+print("cel" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    assert out == ["False", "True"]
