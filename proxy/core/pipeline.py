@@ -323,22 +323,31 @@ _SAFE = frozenset(range(0x21, 0x7F)) - {ord("%"), ord(",")}
 def header_value(text: str) -> str:
     """A claim value made safe for an HTTP header: visible ASCII except `%` and `,` kept, every
     other byte of its UTF-8 form percent-encoded (so no CR/LF/NUL can ever be injected)."""
+    if (text.isascii() and text.isprintable() and " " not in text and "%" not in text
+            and "," not in text):
+        return text  # the common case, decided in C: every character is in _SAFE
     raw = text.encode("utf-8", "surrogatepass")
-    if all(b in _SAFE for b in raw):
-        return text
     return "".join(chr(b) if b in _SAFE else f"%{b:02X}" for b in raw)
 
 
 def _obligations(state: State, peer: PeerIdentity, claims: TokenClaims | None) -> Obligations:
+    """The identity headers for the upstream: a function of the peer certificate and of the raw
+    token (its fingerprint), so they are built once per (certificate, token) and memoised in the
+    state (bounded: cleared at 4096 entries; a new state starts empty)."""
+    key = (peer.uri, peer.cert_sha256) if claims is None else \
+        (peer.uri, peer.cert_sha256, claims.fingerprint)
+    memo = state.obligations_memo
+    got = memo.get(key)
+    if got is None:
+        if len(memo) >= 4096:
+            memo.clear()
+        got = memo[key] = _build_obligations(state, peer, claims)
+    return got
+
+
+def _build_obligations(state: State, peer: PeerIdentity, claims: TokenClaims | None) -> Obligations:
     if claims is None:
-        key = (peer.uri, peer.cert_sha256)
-        memo = state.obligations_memo
-        got = memo.get(key)
-        if got is None:
-            if len(memo) >= 4096:
-                memo.clear()
-            got = memo[key] = Obligations(headers=_workload_headers(state, peer))
-        return got
+        return Obligations(headers=_workload_headers(state, peer))
     hdrs = state.identity_headers
     out = list(_workload_headers(state, peer))
     out.append((hdrs.issuer, header_value(claims.issuer)))

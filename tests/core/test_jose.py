@@ -372,6 +372,29 @@ def test_verify_access_token_only_raises_token_error(text):
             assert claims.expires_at > NOW - 30 and claims.issuer == ISSUER.issuer
 
 
+@pytest.mark.parametrize("prefix", ["", "AAAA", "eyJh"])
+@pytest.mark.parametrize("rem", [2, 3])
+def test_every_last_character_is_accepted_exactly_when_canonical(prefix, rem):
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    accepted = []
+    for last in alphabet:
+        text = prefix + "Q" * (rem - 1) + last
+        try:
+            out = b64url_decode(text)
+        except InvalidValue as exc:
+            assert "canonical" in exc.reason
+            continue
+        assert b64url_encode(out) == text
+        accepted.append(last)
+    assert len(accepted) == (4 if rem == 2 else 16)  # 4 resp. 2 unused low bits must be zero
+
+
+@given(st.binary(max_size=300))
+def test_every_canonical_encoding_decodes(data):
+    text = b64url_encode(data)
+    assert b64url_decode(text) == data == b64url_decode(text.encode("ascii"))
+
+
 def test_non_canonical_base64url_is_refused():
     """RFC 4648 section 3.5: a last character with unused bits set is another spelling of the same
     bytes; accepting it would give one token two fingerprints."""

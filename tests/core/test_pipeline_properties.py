@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from proxy.core.dpop import DPoPConfig, NonceIssuer, normalize_origin
 from proxy.core.jose import b64url_decode, b64url_encode, parse_jwks
-from proxy.core.pipeline import RequestFacts, State, TokenSettings, authorize
+from proxy.core.pipeline import RequestFacts, State, TokenSettings, authorize, header_value
 from proxy.core.policy import compile_policy
 from proxy.core.replay import MemoryReplayStore
 from proxy.core.spiffe import PeerCertificates, TrustStore, parse_pem_bundle
@@ -389,3 +389,47 @@ def test_required_nonce(nonce: str | None) -> None:
         assert err is not None and err.code == "dpop_nonce_required"
         assert ("DPoP-Nonce", NONCES.current(NOW)) in err.extra_headers
         assert 'error="use_dpop_nonce"' in err.challenge()
+
+
+# --------------------------------------------------------------------------------------------
+# Identity headers (obligations): percent-encoding, and one memo entry per token
+# --------------------------------------------------------------------------------------------
+
+_SAFE_BYTES = set(range(0x21, 0x7F)) - {ord("%"), ord(",")}
+
+
+def _header_value_reference(text: str) -> str:
+    """The definition: every UTF-8 byte outside visible ASCII, '%' and ',' percent-encoded."""
+    return "".join(chr(b) if b in _SAFE_BYTES else f"%{b:02X}"
+                   for b in text.encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=40) | st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x7F),
+                                      max_size=40))
+def test_header_value_is_the_percent_encoding_definition(text: str) -> None:
+    got = header_value(text)
+    assert got == _header_value_reference(text)
+    assert all(0x21 <= ord(c) < 0x7F for c in got)  # never CR, LF, NUL, space or non-ASCII
+
+
+def test_header_value_edge_characters() -> None:
+    for raw, want in [("alice", "alice"), ("a b", "a%20b"), ("a,b", "a%2Cb"), ("50%", "50%25"),
+                      ("a\r\nX: y", "a%0D%0AX:%20y"), ("\x00", "%00"), ("\x7f", "%7F"),
+                      ("é", "%C3%A9"), ("\ud800", "%ED%A0%80"), ("~!", "~!")]:
+        assert header_value(raw) == want, raw
+
+
+def test_each_token_gets_its_own_identity_headers_from_the_memo() -> None:
+    state = _state(cache=True)
+    seen = {}
+    for client in ["app-1", "app 2,%", "app-1", "app\r\n3"]:
+        token = mint(client_id=client)
+        decision, err = decide(state, "frontend", "GET", (f"DPoP {token}",),
+                               (fresh_proof(token=token),))
+        assert err is None and allowed(decision)
+        values = [v for _, v in decision.obligations.headers]
+        assert header_value(client) in values and "alice" in values
+        assert FRONTEND_ID in values
+        seen.setdefault(client, decision.obligations)
+    assert len({id(o) for o in seen.values()}) == 3  # distinct tokens never share an entry
