@@ -242,7 +242,7 @@ class DPoPSettings:
     max_proof_bytes: int = field(default=4096, metadata=meta(min=256, doc="largest DPoP header"))
     require_nonce: bool = field(default=False, metadata=meta(doc="require server nonces (RFC 9449 section 9)"))
     nonce_rotate_s: int = field(default=300, metadata=meta(min=10, doc="nonce rotation period"))
-    replay_max_entries: int = field(default=100000, metadata=meta(min=100, doc="jti replay store bound"))
+    replay_max_entries: int = field(default=250000, metadata=meta(min=100, doc="jti replay store bound: sustained proofs/s = replay_max_entries / (iat_window_s + iat_future_s)"))
 
 
 @dataclass(frozen=True, slots=True)
