@@ -295,3 +295,33 @@ print("cel" in sys.modules)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2]).stdout.split()
     assert out == ["False", "True"]
+
+
+def _rule(i: int, when: str, path: str = "/a/{x}") -> dict:
+    return {"id": f"r{i}", "effect": "allow", "from": {"workloads": ["spiffe://example.org/a"]},
+            "to": [{"paths": [path]}], "when": when}
+
+
+def test_rules_repeating_a_condition_share_one_compiled_program() -> None:
+    same = "request.params.x.startsWith('a')"
+    policy = compile_policy({"version": 1, "revision": "r", "rules": [
+        _rule(0, same), _rule(1, same), _rule(2, same, "/b/{y}/{x}"),
+        _rule(3, "request.params.x.startsWith('b')")]})
+    c = [r.when.condition for r in policy.rules]
+    assert c[0] is c[1]  # same text, same variables
+    assert c[2] is not c[0]  # another set of template captures: another environment
+    assert c[3] is not c[0]
+    again = compile_policy({"version": 1, "revision": "r2", "rules": [_rule(0, same)]})
+    assert again.rules[0].when.condition is c[0]  # a later revision keeps it compiled
+    # each rule still decides on its own captures
+    ctx = RequestContext(parse_spiffe_id("spiffe://example.org/a"), "spiffe://example.org/a",
+                         "GET", "/b/zz/abc", MappingProxyType({}), None)
+    assert evaluate(policy, ctx).outcome.rule_id == "r2"
+
+
+def test_a_repeated_bad_condition_is_reported_for_every_rule() -> None:
+    bad = "request.params.nope == 'a'"
+    with pytest.raises(ConfigError) as info:
+        compile_policy({"version": 1, "revision": "r", "rules": [_rule(0, bad), _rule(1, bad)]})
+    paths = [p.path for p in info.value.problems]
+    assert paths == ["rules[0].when", "rules[1].when"], paths

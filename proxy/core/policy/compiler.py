@@ -121,6 +121,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Literal, Mapping
 
@@ -499,9 +500,8 @@ def _compile_when(raw: Any, path: str, problems: list[Problem], routes: list[Rou
         problems.append(Problem(path, "must be a non-empty CEL expression (a string)"))
         return None
     captures = tuple(dict.fromkeys(c for r in routes for t in r.paths for c in t.params))
-    env = rule_env(captures, param_types)
     try:
-        condition = cel.compile_condition(raw, env)
+        condition = _condition(raw, captures, tuple(sorted(param_types.items())))
     except cel.CelCompileError as exc:
         msg = exc.message
         if "action.params" in msg and not own_actions:
@@ -510,6 +510,16 @@ def _compile_when(raw: Any, path: str, problems: list[Problem], routes: list[Rou
         problems.append(Problem(path, msg))
         return None
     return When(condition, sources)
+
+
+@lru_cache(maxsize=4096)
+def _condition(raw: str, captures: tuple[str, ...],
+               param_types: tuple[tuple[str, Any], ...]) -> cel.Condition:
+    """`cel.compile_condition` memoised on everything it depends on (the text and the rule's
+    variables): rules that repeat a condition, and later bundle revisions that keep it, share one
+    compiled program (compiled once, held once, one object hot in the cache when evaluating).
+    A Condition is immutable; failures raise and are not cached."""
+    return cel.compile_condition(raw, rule_env(captures, dict(param_types)))
 
 
 def _check_details_params(details: DetailsRequirement, actions: tuple[ActionSpec, ...],
