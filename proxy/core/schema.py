@@ -16,7 +16,8 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args, get_origin
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from proxy.errors import ConfigError, Problem
 
@@ -73,88 +74,131 @@ class _Missing:
 MISSING = _Missing()
 
 
+Converter = Callable[[Any, str, list[Problem], Mapping[str, Any]], Any]
+_CONVERTERS: dict[Any, Converter] = {}
+
+
 def _convert(tp: Any, value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+    conv = _CONVERTERS.get(tp)
+    if conv is None:
+        conv = _CONVERTERS[tp] = _converter(tp)
+    return conv(value, path, problems, md)
+
+
+def _converter(tp: Any) -> Converter:
+    """The conversion of values of one field type, with the type inspected once (here), not per
+    value: a 10,000-rule policy converts ~200,000 values. Element types are looked up through
+    `_convert` at conversion time, so recursive dataclasses work."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        if len(args) == 1:
-            return _convert(args[0], value, path, problems, md)
-        raise TypeError(f"unsupported union {tp}")
+        only = args[0] if len(args) == 1 else None
+
+        def optional(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if value is None:
+                return None
+            if only is None:
+                raise TypeError(f"unsupported union {tp}")
+            return _convert(only, value, path, problems, md)
+        return optional
     if origin is Literal:
         choices = get_args(tp)
-        if value not in choices:
-            problems.append(Problem(path, f"must be one of {', '.join(map(str, choices))}; got {value!r}"))
-            return MISSING
-        return value
+        shown = ", ".join(map(str, choices))
+
+        def literal(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if value not in choices:
+                problems.append(Problem(path, f"must be one of {shown}; got {value!r}"))
+                return MISSING
+            return value
+        return literal
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, problems)
+        def nested(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            return _build(tp, value, path, problems)
+        return nested
     if origin is tuple:
         (item_tp, _ellipsis) = get_args(tp)
-        if not isinstance(value, list):
-            problems.append(Problem(path, f"must be a list; got {type(value).__name__}"))
-            return MISSING
-        if md.get("nonempty") and not value:
-            problems.append(Problem(path, "must not be empty"))
-            return MISSING
-        out = []
-        for i, item in enumerate(value):
-            v = _convert(item_tp, item, join(path, i), problems, {})
-            if v is not MISSING:
-                out.append(v)
-        return tuple(out)
+
+        def tuple_of(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if not isinstance(value, list):
+                problems.append(Problem(path, f"must be a list; got {type(value).__name__}"))
+                return MISSING
+            if md.get("nonempty") and not value:
+                problems.append(Problem(path, "must not be empty"))
+                return MISSING
+            out = []
+            for i, item in enumerate(value):
+                v = _convert(item_tp, item, f"{path}[{i}]", problems, _NO_META)
+                if v is not MISSING:
+                    out.append(v)
+            return tuple(out)
+        return tuple_of
     if origin is dict:
         _k, item_tp = get_args(tp)
-        if not isinstance(value, dict):
-            problems.append(Problem(path, f"must be a mapping; got {type(value).__name__}"))
-            return MISSING
-        if md.get("nonempty") and not value:
-            problems.append(Problem(path, "must not be empty"))
-            return MISSING
-        out_d = {}
-        for k, item in value.items():
-            if not isinstance(k, str):
-                problems.append(Problem(path, f"keys must be strings; got {k!r}"))
-                continue
-            v = _convert(item_tp, item, join(path, k), problems, {})
-            if v is not MISSING:
-                out_d[k] = v
-        return types.MappingProxyType(out_d)
+
+        def dict_of(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if not isinstance(value, dict):
+                problems.append(Problem(path, f"must be a mapping; got {type(value).__name__}"))
+                return MISSING
+            if md.get("nonempty") and not value:
+                problems.append(Problem(path, "must not be empty"))
+                return MISSING
+            out_d = {}
+            for k, item in value.items():
+                if not isinstance(k, str):
+                    problems.append(Problem(path, f"keys must be strings; got {k!r}"))
+                    continue
+                v = _convert(item_tp, item, join(path, k), problems, _NO_META)
+                if v is not MISSING:
+                    out_d[k] = v
+            return types.MappingProxyType(out_d)
+        return dict_of
     if tp is bool:
-        if not isinstance(value, bool):
-            problems.append(Problem(path, f"must be true or false; got {value!r}"))
-            return MISSING
-        return value
+        def boolean(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if not isinstance(value, bool):
+                problems.append(Problem(path, f"must be true or false; got {value!r}"))
+                return MISSING
+            return value
+        return boolean
     if tp in (int, float):
-        ok = isinstance(value, int) or (tp is float and isinstance(value, float))
-        if isinstance(value, bool) or not ok:
-            problems.append(Problem(path, f"must be {_type_name(tp)}; got {value!r}"))
-            return MISSING
-        value = tp(value)
-        lo, hi = md.get("min"), md.get("max")
-        if lo is not None and value < lo:
-            problems.append(Problem(path, f"must be >= {lo}; got {value}"))
-            return MISSING
-        if hi is not None and value > hi:
-            problems.append(Problem(path, f"must be <= {hi}; got {value}"))
-            return MISSING
-        return value
+        def number(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            ok = isinstance(value, int) or (tp is float and isinstance(value, float))
+            if isinstance(value, bool) or not ok:
+                problems.append(Problem(path, f"must be {_type_name(tp)}; got {value!r}"))
+                return MISSING
+            value = tp(value)
+            lo, hi = md.get("min"), md.get("max")
+            if lo is not None and value < lo:
+                problems.append(Problem(path, f"must be >= {lo}; got {value}"))
+                return MISSING
+            if hi is not None and value > hi:
+                problems.append(Problem(path, f"must be <= {hi}; got {value}"))
+                return MISSING
+            return value
+        return number
     if tp is str:
-        if not isinstance(value, str):
-            problems.append(Problem(path, f"must be a string; got {value!r}"))
-            return MISSING
-        if md.get("nonempty") and not value:
-            problems.append(Problem(path, "must not be empty"))
-            return MISSING
-        pat = md.get("pattern")
-        if pat is not None and not re.fullmatch(pat, value):
-            problems.append(Problem(path, f"must match {pat}; got {value!r}"))
-            return MISSING
-        return value
+        def string(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+            if not isinstance(value, str):
+                problems.append(Problem(path, f"must be a string; got {value!r}"))
+                return MISSING
+            if md.get("nonempty") and not value:
+                problems.append(Problem(path, "must not be empty"))
+                return MISSING
+            pat = md.get("pattern")
+            if pat is not None and not re.fullmatch(pat, value):
+                problems.append(Problem(path, f"must match {pat}; got {value!r}"))
+                return MISSING
+            return value
+        return string
     if tp is Any:
-        return value
-    raise TypeError(f"unsupported field type {tp!r} at {path}")
+        return lambda value, path, problems, md: value
+
+    def unsupported(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
+        raise TypeError(f"unsupported field type {tp!r} at {path}")
+    return unsupported
+
+
+_NO_META: Mapping[str, Any] = types.MappingProxyType({})
+_FIELDS: dict[type, dict[str, dataclasses.Field]] = {}
 
 
 def _build(cls: type[T], data: Any, path: str, problems: list[Problem]) -> T | _Missing:
@@ -164,7 +208,9 @@ def _build(cls: type[T], data: Any, path: str, problems: list[Problem]) -> T | _
         problems.append(Problem(path, f"must be a mapping; got {type(data).__name__}"))
         return MISSING
     hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))

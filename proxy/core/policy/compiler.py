@@ -119,11 +119,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from proxy.core import cel
 from proxy.core.model import Outcome, SpiffeId, Verdict
@@ -1071,6 +1072,7 @@ def _compile_authentication(raw: Any, problems: list[Problem]) -> tuple[AuthEntr
                                       "has token optional, binding any)"))
         return ()
     entries: list[AuthEntry] = []
+    earlier = _ShadowIndex()
     for i, item in enumerate(raw):
         epath = join(path, i)
         spec = collect(_AuthSpec, item, epath, problems)
@@ -1087,14 +1089,15 @@ def _compile_authentication(raw: Any, problems: list[Problem]) -> tuple[AuthEntr
             continue
         if route is None:
             continue
-        shadowed_by = _shadowed_by(route, entries)
+        shadowed_by = _shadowed_by(route, earlier.candidates(route))
         if shadowed_by:
             names = ", ".join(f"authentication[{k}]" for k in shadowed_by)
             problems.append(Problem(epath, f"can never match: every request it covers is "
                                            f"matched first by {names} (first match wins)"))
             continue
-        entries.append(AuthEntry(index=i, route=route,
-                                 requirement=AuthRequirement(spec.token, binding, i)))
+        entry = AuthEntry(index=i, route=route, requirement=AuthRequirement(spec.token, binding, i))
+        entries.append(entry)
+        earlier.add(entry)
     return tuple(entries)
 
 
