@@ -29,6 +29,7 @@ from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, p
 from proxy.errors import ConfigError
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.bundle_source import BundleSource
+from proxy.runtime.gcquiet import gc_paused
 from proxy.runtime.refresher import Refreshable
 from proxy.runtime.sources import FileSource
 
@@ -37,12 +38,13 @@ log = logging.getLogger("portcullis.inputs")
 
 def parse_policy_file(data: bytes, digest: str, *, source: str,
                       trust_domains: frozenset[str]) -> CompiledPolicy:
-    try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
-        doc = yaml_document(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(exc), source=source) from None
-    return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
-                          known_trust_domains=trust_domains)
+    with gc_paused():  # a large policy must not stall the event loop (runtime.gcquiet)
+        try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
+            doc = yaml_document(data.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(exc), source=source) from None
+        return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
+                              known_trust_domains=trust_domains)
 
 
 def issuer_policy(i: IssuerConfig, max_token_bytes: int) -> IssuerPolicy:

@@ -150,3 +150,59 @@ def test_any_policy_yaml_gives_a_compiled_policy_or_a_config_error(text: str) ->
     except ConfigError:
         return
     assert isinstance(got, CompiledPolicy)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON documents take the JSON parser (JSON is YAML; PyYAML is seconds slower on big policies)
+# --------------------------------------------------------------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@SETTINGS
+@given(st.dictionaries(st.text(max_size=6), _JSON_VALUES, max_size=5))
+def test_a_json_document_reads_as_its_json_value(doc: dict) -> None:
+    import json
+
+    from proxy.config import yaml_document
+    for text in (json.dumps(doc), json.dumps(doc, indent=2), "\n  " + json.dumps(doc)):
+        assert yaml_document(text) == doc
+
+
+def test_json_and_yaml_spellings_of_a_policy_compile_alike() -> None:
+    import json
+
+    from proxy.config import yaml_document
+    as_yaml = yaml.safe_dump(DEFAULT_POLICY, sort_keys=False)
+    assert yaml_document(json.dumps(DEFAULT_POLICY)) == yaml_document(as_yaml) == DEFAULT_POLICY
+
+
+def test_brace_text_that_is_not_strict_json_is_still_yaml() -> None:
+    from proxy.config import yaml_document
+    assert yaml_document("{a: 1, b: [x, y]}") == {"a": 1, "b": ["x", "y"]}
+    assert yaml_document('{"a": NaN}') == {"a": "NaN"}  # never a float NaN from the JSON side
+    try:
+        yaml_document('{"a": [1,')
+    except ValueError as err:
+        assert "not valid YAML" in str(err)
+    else:
+        raise AssertionError("accepted")
+
+
+def test_the_value_bound_grows_with_the_text_but_not_with_aliases() -> None:
+    import json
+
+    from proxy.config import MAX_YAML_VALUES, yaml_document
+    big = {"rules": [{"id": f"r{i}", "n": i} for i in range(MAX_YAML_VALUES // 4)]}  # ~125k values
+    for text in (json.dumps(big), yaml.safe_dump(big)):
+        assert yaml_document(text) == big
+    try:  # the alias bomb is a few hundred characters: the bound stays ~MAX_YAML_VALUES
+        yaml_document(_BOMB)
+    except ValueError as err:
+        assert "document too large" in str(err)
+    else:
+        raise AssertionError("accepted")
