@@ -35,8 +35,19 @@ MAX_YAML_VALUES = 100_000
 MAX_YAML_DEPTH = 64
 
 
+_NOT_JSON = object()
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _strict_json(text: str) -> Any:
+    """The value of `text` as strict JSON (no NaN/Infinity), or `_NOT_JSON`."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
 
 
 def yaml_document(text: str) -> Any:
@@ -48,15 +59,8 @@ def yaml_document(text: str) -> Any:
     PyYAML needs seconds of CPU for a multi-megabyte policy (a 10,000-rule policy: ~6-14 s here,
     against ~0.1 s), all of it holding the GIL that the data plane shares. Text that starts with
     `{` but is not strict JSON (flow-style YAML, NaN) is read as YAML, as before."""
-    data: Any = None
-    parsed = False
-    if text.lstrip()[:1] == "{":
-        try:
-            data = json.loads(text, parse_constant=_no_constant)
-            parsed = True
-        except (ValueError, RecursionError):
-            parsed = False  # not strict JSON: YAML decides (and reports)
-    if not parsed:
+    data = _strict_json(text) if text.lstrip()[:1] == "{" else _NOT_JSON
+    if data is _NOT_JSON:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -79,6 +83,18 @@ def yaml_document(text: str) -> Any:
         elif isinstance(value, (list, tuple, set, frozenset)):
             stack.extend((x, depth + 1) for x in value)
     return data
+
+
+def policy_document(data: bytes, *, source: str) -> Any:
+    """The document of a policy file, wherever it comes from (the sidecar's file, a bundle's
+    `policy.yaml`, an uploaded source, the control plane's own policy, `bundle build`): UTF-8,
+    then `yaml_document` (bounded; JSON read as JSON). ConfigError naming `source` otherwise."""
+    try:
+        return yaml_document(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8: {exc.reason} at byte {exc.start}", source=source) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source) from None
 
 
 def _port(v: int) -> str | None:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 from proxy.bundles import io as bio
@@ -133,17 +132,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _policy_compiles(data: bytes, source: str, revision: int) -> bool:
+    from proxy.config import policy_document
     from proxy.core.policy import compile_policy
 
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-        compile_policy(doc, source=source, revision=str(revision))
-    except UnicodeDecodeError:
-        _err("build", f"{source}: not UTF-8")
-        return False
-    except yaml.YAMLError as exc:
-        _err("build", f"{source}: not valid YAML: {exc}")
-        return False
+        compile_policy(policy_document(data, source=source), source=source, revision=str(revision))
     except ConfigError as exc:
         _err("build", f"the policy has {len(exc.problems)} problem(s):")
         for line in exc.render().splitlines():

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
 
-import yaml
 
-from proxy.config import TrustDomainConfig, apply_env_overrides, path_resolver, resolve_identity
+from proxy.config import (TrustDomainConfig, apply_env_overrides, path_resolver, resolve_identity,
+                          yaml_document)
 from proxy.core.schema import build, meta
 from proxy.errors import ConfigError
 
@@ -160,10 +160,10 @@ def _resolve(cfg: ControlPlaneConfig, base: Path) -> ControlPlaneConfig:
 def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None,
                  env: Mapping[str, str] | None = None) -> ControlPlaneConfig:
     """Parse and validate control plane config text; raise ConfigError with every problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    try:  # bounded like the sidecar's config (nesting, alias expansion)
+        data = yaml_document(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), source=source) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -21,10 +21,10 @@ import time
 from typing import Any, Callable
 
 import orjson
-import yaml
 from aiohttp import web
 
 from proxy.bundles.io import Limits
+from proxy.config import policy_document
 from proxy.controlplane.api import make_app
 from proxy.controlplane.config import ControlPlaneConfig
 from proxy.controlplane.fleet import Fleet
@@ -48,12 +48,8 @@ def _stdout_writer(line: bytes) -> None:
 
 def parse_api_policy(data: bytes, digest: str, *, source: str,
                      trust_domains: frozenset[str]) -> CompiledPolicy:
-    try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
-    return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
-                          known_trust_domains=trust_domains)
+    return compile_policy(policy_document(data, source=source), source=source,
+                          revision=f"sha256:{digest[:12]}", known_trust_domains=trust_domains)
 
 
 class ControlPlane:

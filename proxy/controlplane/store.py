@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import yaml
 
 from proxy.bundles.io import (Limits, atomic_write, read_source_dir, read_targz_bytes,
                               read_targz_files, to_targz)
+from proxy.config import policy_document
 from proxy.controlplane import revocations as rv
 from proxy.controlplane.config import BundleConfig
 from proxy.core import bundle as cb
@@ -118,15 +118,10 @@ def validate_files(files: Mapping[str, bytes], *, revision: int,
         problems.append(_problem(cb.POLICY_NAME, "", "is required"))
     else:
         try:
-            doc = yaml.safe_load(policy.decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            problems.append(_problem(cb.POLICY_NAME, "", f"not valid YAML: {exc}"))
-        else:
-            try:
-                compile_policy(doc, source=cb.POLICY_NAME, revision=str(revision),
-                               known_trust_domains=trust_domains)
-            except ConfigError as exc:
-                problems.extend(_problem(cb.POLICY_NAME, p.path, p.message) for p in exc.problems)
+            compile_policy(policy_document(policy, source=cb.POLICY_NAME), source=cb.POLICY_NAME,
+                           revision=str(revision), known_trust_domains=trust_domains)
+        except ConfigError as exc:
+            problems.extend(_problem(cb.POLICY_NAME, p.path, p.message) for p in exc.problems)
     revs = files.get(cb.REVOCATIONS_NAME)
     if revs is not None:
         try:

@@ -39,11 +39,11 @@ from typing import Any, Callable
 from cryptography.hazmat.primitives import serialization
 
 from proxy import __version__
-from proxy.config import BundleConfig, yaml_document
+from proxy.config import BundleConfig
 from proxy.core.bundle import EMPTY_REVOCATIONS, Revocations, VerifiedBundle, revocations, verify
-from proxy.core.policy import CompiledPolicy, compile_policy
+from proxy.core.policy import CompiledPolicy
 from proxy.errors import BundleError, ConfigError, InvalidValue, Problem
-from proxy.runtime.gcquiet import gc_paused
+from proxy.runtime.policy_load import load_policy
 from proxy.runtime.sources import FileSource
 from proxy.runtime.tasks import cancel_and_wait
 
@@ -87,16 +87,9 @@ def compile_bundle(vb: VerifiedBundle, *, name: str, trust_domains: frozenset[st
     raw = vb.files.get(POLICY_FILE)
     if raw is None:
         raise BundleError("bundle_missing_file", f"{POLICY_FILE} is not in the bundle")
-    source = f"{name}@{vb.revision}/{POLICY_FILE}"
-    with gc_paused():  # a large policy must not stall the event loop (runtime.gcquiet)
-        try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
-            doc = yaml_document(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(exc), source=source) from None
-        if isinstance(doc, dict):
-            doc = {**doc, "revision": f"{name}@{vb.revision}"}
-        policy = compile_policy(doc, source=source, revision=f"{name}@{vb.revision}",
-                                known_trust_domains=trust_domains)
+    policy = load_policy(raw, source=f"{name}@{vb.revision}/{POLICY_FILE}",
+                         revision=f"{name}@{vb.revision}", trust_domains=trust_domains,
+                         stamp_revision=True)
     return policy, revocations(vb)
 
 

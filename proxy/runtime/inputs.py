@@ -18,18 +18,17 @@ import os
 import time
 from dataclasses import dataclass
 
-from proxy.config import Config, IssuerConfig, yaml_document
+from proxy.config import Config, IssuerConfig
 from proxy.core.dpop import DPoPConfig, NonceIssuer, normalize_origin
 from proxy.core.jose import JWKSet, parse_jwks
 from proxy.core.pipeline import IdentityHeaders, State, TokenSettings
 from proxy.core.replay import MemoryReplayStore
 from proxy.core.tokens import IssuerPolicy, TokenCache
-from proxy.core.policy import CompiledPolicy, compile_policy
+from proxy.core.policy import CompiledPolicy
 from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, parse_bundle
-from proxy.errors import ConfigError
 from proxy.runtime.metrics import Metrics
 from proxy.runtime.bundle_source import BundleSource
-from proxy.runtime.gcquiet import gc_paused
+from proxy.runtime.policy_load import load_policy
 from proxy.runtime.refresher import Refreshable
 from proxy.runtime.sources import FileSource
 
@@ -38,13 +37,8 @@ log = logging.getLogger("portcullis.inputs")
 
 def parse_policy_file(data: bytes, digest: str, *, source: str,
                       trust_domains: frozenset[str]) -> CompiledPolicy:
-    with gc_paused():  # a large policy must not stall the event loop (runtime.gcquiet)
-        try:  # bounded: nesting and alias expansion (a RecursionError would escape the refresher)
-            doc = yaml_document(data.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(str(exc), source=source) from None
-        return compile_policy(doc, source=source, revision=f"sha256:{digest[:12]}",
-                              known_trust_domains=trust_domains)
+    return load_policy(data, source=source, revision=f"sha256:{digest[:12]}",
+                       trust_domains=trust_domains)
 
 
 def issuer_policy(i: IssuerConfig, max_token_bytes: int) -> IssuerPolicy:

@@ -206,3 +206,48 @@ def test_the_value_bound_grows_with_the_text_but_not_with_aliases() -> None:
         assert "document too large" in str(err)
     else:
         raise AssertionError("accepted")
+
+
+def test_every_policy_reader_refuses_the_alias_bomb() -> None:
+    # one bounded reader (config.policy_document) behind the sidecar's file and bundle, the
+    # control plane's validation of published sources, its own policy, and `bundle build`
+    from proxy.bundles.cli import _policy_compiles
+    from proxy.controlplane.server import parse_api_policy
+    from proxy.controlplane.store import validate_files
+    from proxy.runtime.policy_load import load_policy
+
+    text = (_BOMB + "version: 1\nrules: [{id: r, effect: allow, from: {workloads: [*i]}, "
+            "to: []}]\n").encode()
+    tds = frozenset({"example.org"})
+    problems = validate_files({"policy.yaml": text}, revision=1, trust_domains=tds,
+                              max_revocation_entries=None)
+    assert any("document too large" in p["message"] for p in problems), problems
+    for load in (lambda: parse_api_policy(text, "0" * 64, source="p", trust_domains=tds),
+                 lambda: load_policy(text, source="p", revision="r", trust_domains=tds)):
+        try:
+            load()
+        except ConfigError as err:
+            assert "document too large" in str(err) and len(str(err)) < 1000
+        else:
+            raise AssertionError("accepted")
+    assert _policy_compiles(text, "policy.yaml", 1) is False
+
+
+def test_the_control_plane_config_is_bounded_like_the_sidecars() -> None:
+    from proxy.controlplane.config import parse_config as parse_cp_config
+    try:
+        parse_cp_config(_BOMB + "listener: {port: *i}\n", env={})
+    except ConfigError as err:
+        assert "document too large" in str(err) and len(str(err)) < 1000
+    else:
+        raise AssertionError("accepted")
+
+
+def test_a_policy_that_is_not_utf8_names_its_source() -> None:
+    from proxy.config import policy_document
+    try:
+        policy_document(b"version: 1\nrules: [\xff]\n", source="bundle@3/policy.yaml")
+    except ConfigError as err:
+        assert str(err).startswith("bundle@3/policy.yaml: not UTF-8")
+    else:
+        raise AssertionError("accepted")
