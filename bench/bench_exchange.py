@@ -19,6 +19,8 @@ exchange (median of rounds). `--instructions` re-runs itself under valgrind's ca
 instrumentation off, switches it on (callgrind_control) only around the measured exchanges, and
 prints instructions per exchange: a count that does not depend on the machine's load, so two
 versions of the hot path can be compared exactly (startup, imports and warm-up are not counted).
+`--profile N`: cProfile over the exchanges, the top N functions by own time (cProfile adds its
+own cost per call, so it ranks functions; it does not time them).
 `--dpop`: the configuration of `run.py`'s full-pipeline target (a DPoP-bound access token,
 verified once and then cached, and a fresh ES256 proof per request, minted before the run).
 A script: no asserts.
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import pstats
 import os
 import shutil
 import statistics
@@ -156,6 +160,13 @@ async def main_async(args) -> None:
         subprocess.run(ctl + ["on", str(os.getpid())], check=True, capture_output=True)
         await b.exchanges(args.exchanges)
         subprocess.run(ctl + ["off", str(os.getpid())], check=True, capture_output=True)
+    elif args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        await b.exchanges(args.exchanges)
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(args.profile)
     else:
         per: list[float] = []
         for _ in range(args.rounds):
@@ -179,6 +190,8 @@ def main() -> int:
                     help="count instructions per exchange with callgrind (valgrind)")
     ap.add_argument("--dpop", action="store_true",
                     help="full pipeline: DPoP-bound token + a fresh ES256 proof per request")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="cProfile the exchanges, print the top N functions by own time")
     ap.add_argument("--under-callgrind", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.instructions:

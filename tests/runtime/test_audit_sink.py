@@ -367,3 +367,124 @@ def test_checkpoint_time_comes_from_the_injected_clock(pipe):
     record, checkpoint = sink._pending  # never started: still waiting to be handed over
     assert orjson.loads(checkpoint)["type"] == "checkpoint"
     assert orjson.loads(checkpoint)["time"] == format_time(1764338400.5) == "2025-11-28T14:00:00.500Z"
+
+
+# ---------------------------------------------------------------- direct writes from the loop
+
+
+async def test_a_read_pipe_is_written_from_the_loop_without_waking_the_writer(pipe):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    assert sink.direct
+    for i in range(30):
+        sink.emit(rec(i, pad=i * 50))
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sink.records_written == 30 and sink.queue_depth == 0
+    assert sink._written_by_writer == 0  # every batch went out from the loop
+    assert os.get_blocking(pipe["w"])  # the shared open file description is left as it was
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    assert verify_lines(lines, PUB).ok and kinds(lines) == ["decision"] * 30 + ["checkpoint"]
+
+
+async def test_a_full_pipe_hands_over_to_the_writer_and_the_order_is_kept(pipe):
+    fill_pipe(pipe["w"])
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"])
+    sink.start(asyncio.get_running_loop())
+    for i in range(5):
+        sink.emit(rec(i))
+    await asyncio.sleep(0.01)
+    assert sink.records_written == 0 and sink.queue_depth == 5  # EAGAIN: the writer holds them
+    for i in range(5, 8):  # the writer still holds lines: these must queue behind them
+        sink.emit(rec(i))
+    await asyncio.sleep(0)
+    assert sink._written_direct == 0
+    reader = Reader(pipe["r"]).start()
+    await wait_until(lambda: sink.queue_depth == 0)
+    sink.emit(rec(8))  # the writer is idle again: straight from the loop
+    await asyncio.sleep(0)
+    assert sink._written_direct == 1 and sink.records_written == 9
+    await sink.close()
+    close_w(pipe)
+    lines = [x for x in reader.lines() if x.strip()]
+    assert verify_lines(lines, PUB).ok
+    assert [orjson.loads(x).get("decision_id") for x in lines] == [f"d{i}" for i in range(9)] + [None]
+
+
+async def test_regular_file_and_dev_null_are_direct_terminals_and_sockets_are_not(tmp_path):
+    import pty
+    import socket
+    loop = asyncio.get_running_loop()
+    path = tmp_path / "audit.jsonl"
+    master, slave = pty.openpty()
+    a, b = socket.socketpair()
+    fds = {"file": os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
+           "null": os.open(os.devnull, os.O_WRONLY), "tty": slave, "socket": a.fileno()}
+    try:
+        sinks = {k: AuditSink(AuditChain(k, signer=KEY), fd=fd) for k, fd in fds.items()}
+        for s in sinks.values():
+            s.start(loop)
+        assert {k: s.direct for k, s in sinks.items()} == {
+            "file": True, "null": True, "tty": False, "socket": False}
+        for s in sinks.values():
+            s.emit(rec(1))
+        await asyncio.sleep(0)
+        assert sinks["file"]._written_direct == 1 and sinks["null"]._written_direct == 1
+        await wait_until(lambda: sinks["socket"].records_written == 1)
+        assert sinks["socket"]._written_by_writer == 1
+        for s in sinks.values():
+            await s.close()
+        assert verify_lines(path.read_bytes().splitlines(keepends=True), PUB).ok
+        assert b.recv(65536).startswith(b'{"')
+    finally:
+        for fd in (fds["file"], fds["null"], master, slave):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+SHORT_WRITE = textwrap.dedent("""
+    import asyncio, os, resource, signal, sys, orjson
+    from proxy.core.audit import AuditChain, verify_lines
+    from proxy.runtime.audit_sink import AuditSink
+
+    async def main(path):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, no signal
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+        sink = AuditSink(AuditChain("w1"), fd=fd, write_retry_s=0.005)
+        sink.start(asyncio.get_running_loop())
+        assert sink.direct
+        for i in range(6):  # ~350-byte lines, one batch, one write: cut at 1000 bytes
+            sink.emit({"type": "decision", "decision_id": f"d{i}", "pad": "x" * 150})
+        await asyncio.sleep(0)
+        while sink.healthy:  # the writer got the tail of the cut line, and EFBIG
+            await asyncio.sleep(0.005)
+        head = open(path, "rb").read()
+        whole = head.count(b"\\n")  # lines wholly before the cut
+        assert len(head) == 1000 and head[-1:] != b"\\n" and 1 <= whole < 5, (len(head), whole)
+        assert sink._written_direct == whole and sink.queue_depth == 6 - whole
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        while not sink.healthy or sink.queue_depth:
+            await asyncio.sleep(0.005)
+        await sink.close()
+        lines = open(path, "rb").read().splitlines(keepends=True)
+        report = verify_lines(lines, None)
+        assert report.ok, report.problems
+        assert [orjson.loads(x).get("decision_id") for x in lines] == [f"d{i}" for i in range(6)] + [None]
+        assert sink.records_written == 7 and sink.dropped == 0
+        print("ok")
+
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_a_short_direct_write_leaves_the_cut_line_to_the_writer_and_loses_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-c", SHORT_WRITE, str(tmp_path / "audit.jsonl")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
