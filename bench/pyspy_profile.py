@@ -1,6 +1,6 @@
 """Profile the Portcullis data plane under wrk load with py-spy (sampling, no instrumentation).
 
-    .venv/bin/python bench/profile.py [--duration 10] [--top 40]
+    .venv/bin/python bench/pyspy_profile.py [--duration 10] [--top 40]
 
 Starts the bench upstream and one Portcullis worker (pinned to CPU 0, wrk on CPU 1), drives it
 with wrk (64 keep-alive mTLS connections) and samples the worker with `py-spy record --native

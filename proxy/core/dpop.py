@@ -184,6 +184,12 @@ def ath(token: str) -> str:
     """RFC 9449 section 4.2: base64url(SHA-256(ASCII(access token))). Non-ASCII -> InvalidValue."""
     if not isinstance(token, str) or not token.isascii():
         raise InvalidValue("an access token is ASCII")
+    return _ath(token)
+
+
+@lru_cache(maxsize=1024)
+def _ath(token: str) -> str:
+    """`ath` of an ASCII token, memoised: a client presents one token with many proofs."""
     return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
 
 

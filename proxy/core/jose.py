@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from proxy.errors import InvalidValue
 
 _HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_ECDSA = {alg: ec.ECDSA(_HASHES[alg[2:]]()) for alg in ("ES256", "ES384", "ES512")}  # immutable
 _CURVES = {"P-256": (ec.SECP256R1, 32, "ES256"), "P-384": (ec.SECP384R1, 48, "ES384"),
            "P-521": (ec.SECP521R1, 66, "ES512")}
 _CURVE_ORDER = {
@@ -93,12 +94,17 @@ def _no_constant(name: str) -> Any:
     raise InvalidValue("NaN and Infinity are not JSON", name)
 
 
+#: One decoder for every call (`json.loads` with hooks builds a decoder and its scanner per call).
+#: Stateless between calls, like the json module's own default decoder.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
 def json_object(data: bytes, what: str) -> dict[str, Any]:
     """A JSON object from UTF-8 bytes (RFC 8259 section 8.1: no BOM, no UTF-16/32 guessing),
     without duplicate members or the non-JSON constants NaN / Infinity."""
     try:
         text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        obj = _DECODER.decode(text)
     except InvalidValue:
         raise
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -303,7 +309,7 @@ def verify(jws: JWS, key: JWK, alg: str) -> None:
             order = _CURVE_ORDER[key.crv]  # type: ignore[index]
             if not (0 < r < order and 0 < s < order):
                 raise InvalidValue("ECDSA signature value out of range")
-            key.key.verify(encode_dss_signature(r, s), data, ec.ECDSA(_HASHES[alg[2:]]()))
+            key.key.verify(encode_dss_signature(r, s), data, _ECDSA[alg])
         elif alg == "EdDSA":
             key.key.verify(sig, data)
         elif alg.startswith("RS"):

@@ -404,6 +404,10 @@ class Exchange:
             return
         self.finished = True
         conn = self.conn
+        if conn._out is not None:
+            # the response leaves before its record is built: the audit and metrics work is
+            # not on the client's latency path (and the record's duration includes the send)
+            conn.flush_out()
         plane = conn.plane
         try:
             rec = self._record(plane)
