@@ -511,6 +511,11 @@ def _raw_path(url: bytes) -> str:
 class ClientConnection(asyncio.Protocol):
     """One mTLS client connection: parse, decide, forward, answer in order."""
 
+    # no per-connection __dict__: an idle keep-alive connection is mostly this object
+    __slots__ = ("plane", "batch", "_out", "_wrec", "_wrec_peer", "handshake_done", "transport",
+                 "parser", "peer", "client_addr", "parsing", "active", "queue", "close_after",
+                 "closed", "broken", "deadline", "paused", "write_paused")
+
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
         self.batch = plane.upstream.batch
