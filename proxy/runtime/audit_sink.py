@@ -3,15 +3,18 @@
 Rules (DESIGN.md section 6; chain format in `proxy.core.audit`):
 - `emit()` runs on the event loop thread. It seals the record there (so the chain order is the
   order of decisions) and queues the line. It never blocks and never raises because the queue is
-  full. The lines sealed in one loop iteration are written together at its end (`_flush`):
+  full. Lines are written in batches (`_flush`): at once when a write's worth (PIPE_BUF bytes)
+  is waiting, else `flush_interval_s` (2 ms) after the first line of a batch was sealed, so that
+  under load one write carries the records of several loop iterations (a write(2) per iteration
+  cost more than it saved). A batch is written:
   - directly from the loop, when the write cannot block and nothing is waiting in the writer
     thread (so the order of lines is kept): the fd is a pipe or FIFO, reopened as a private
     non-blocking open file description (`/proc/self/fd/N`: O_NONBLOCK on it does not touch the
     description that other processes share), a regular file (a page-cache copy), or /dev/null.
     A write that would block (EAGAIN: the reader is behind) or fails hands the lines, from the
     first unwritten one, to the writer thread. This is the common case, and it costs no thread
-    wake-up and no GIL hand-over per batch (a writer thread woken once per loop iteration cost
-    ~30% of an exchange measured in process: `bench/bench_exchange.py`);
+    wake-up and no GIL hand-over per batch (a writer thread woken for each batch cost ~30% of
+    an exchange measured in process, `bench/bench_exchange.py`);
   - otherwise by one daemon thread, the only place that waits on a blocking `os.write` (a
     socket, a terminal, a full pipe, a failing fd).
 - Writes are batches of whole lines of at most PIPE_BUF bytes, so the lines of several worker
@@ -77,11 +80,14 @@ class AuditSink:
         checkpoint_every_s: float = 60.0,
         clock: Callable[[], float] = time.time,
         write_retry_s: float = 1.0,
+        flush_interval_s: float = 0.002,
     ) -> None:
         if max_queue_records < 1 or checkpoint_every_records < 1:
             raise ValueError("max_queue_records and checkpoint_every_records must be >= 1")
         if checkpoint_every_s <= 0 or write_retry_s <= 0:
             raise ValueError("checkpoint_every_s and write_retry_s must be > 0")
+        if not 0 <= flush_interval_s <= 1:
+            raise ValueError("flush_interval_s must be between 0 and 1")
         if on_full not in ("backpressure", "fail_closed"):
             raise ValueError("on_full must be 'backpressure' or 'fail_closed'")
         self.chain = chain
@@ -92,6 +98,7 @@ class AuditSink:
         self.checkpoint_every_records = checkpoint_every_records
         self.checkpoint_every_s = checkpoint_every_s
         self.write_retry_s = write_retry_s
+        self.flush_interval_s = flush_interval_s
         self._clock = clock
         # stats (plain ints; read by the metrics module at scrape time)
         self.records_emitted = 0
@@ -105,7 +112,9 @@ class AuditSink:
         self.healthy = True
         # internals
         self._q: queue.SimpleQueue = queue.SimpleQueue()  # batches (lists of lines) or _STOP
-        self._pending: list[bytes] = []  # sealed this loop iteration, not yet handed over
+        self._pending: list[bytes] = []  # sealed, not yet written or handed over (one batch)
+        self._pending_bytes = 0
+        self._flush_timer: asyncio.Handle | None = None
         self._enqueued = 0  # lines handed to the writer (loop thread only)
         self._was_saturated = False
         self._drops_pending = 0  # dropped since the last audit_dropped record
@@ -185,6 +194,9 @@ class AuditSink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self._drops_pending:
             self._seal_drop_notice()
         self._enqueue(self.chain.checkpoint(format_time(self._clock()), final=True))
@@ -255,13 +267,23 @@ class AuditSink:
     # ---------------------------------------------------------------- loop-thread helpers
 
     def _enqueue(self, line: bytes) -> None:
-        # lines sealed during one loop iteration travel to the writer thread as ONE batch: one
-        # queue put and at most one thread wake-up per iteration, not one per record
+        # lines travel as batches: one write (or one queue put) per PIPE_BUF bytes or per
+        # flush_interval_s, whichever comes first, not one per record or per loop iteration
         self._enqueued += 1
-        pending = self._pending
-        pending.append(line)
-        if len(pending) == 1 and self._loop is not None and not self._closed:
-            self._loop.call_soon(self._flush)
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        loop = self._loop
+        if loop is None or self._closed:
+            return  # start() or close() flushes
+        if self._pending_bytes >= PIPE_BUF:
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = loop.call_later(self.flush_interval_s, self._on_flush_timer) \
+                if self.flush_interval_s else loop.call_soon(self._on_flush_timer)
+
+    def _on_flush_timer(self) -> None:
+        self._flush_timer = None
+        self._flush()
 
     def _open_direct(self) -> None:
         """Decide whether `_flush` may write from the loop, and on which fd."""
@@ -289,6 +311,7 @@ class AuditSink:
     def _flush(self) -> None:
         if self._pending:
             batch, self._pending = self._pending, []
+            self._pending_bytes = 0
             if self._direct and self._handed == self._written_by_writer + self.dropped_unwritable:
                 # the writer thread holds nothing: writing here keeps the order
                 batch = self._write_direct(batch)

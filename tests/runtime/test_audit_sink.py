@@ -374,7 +374,7 @@ def test_checkpoint_time_comes_from_the_injected_clock(pipe):
 
 async def test_a_read_pipe_is_written_from_the_loop_without_waking_the_writer(pipe):
     reader = Reader(pipe["r"]).start()
-    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"])
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], flush_interval_s=0)
     sink.start(asyncio.get_running_loop())
     assert sink.direct
     for i in range(30):
@@ -393,7 +393,7 @@ async def test_a_read_pipe_is_written_from_the_loop_without_waking_the_writer(pi
 
 async def test_a_full_pipe_hands_over_to_the_writer_and_the_order_is_kept(pipe):
     fill_pipe(pipe["w"])
-    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"])
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], flush_interval_s=0)
     sink.start(asyncio.get_running_loop())
     for i in range(5):
         sink.emit(rec(i))
@@ -425,7 +425,8 @@ async def test_regular_file_and_dev_null_are_direct_terminals_and_sockets_are_no
     fds = {"file": os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
            "null": os.open(os.devnull, os.O_WRONLY), "tty": slave, "socket": a.fileno()}
     try:
-        sinks = {k: AuditSink(AuditChain(k, signer=KEY), fd=fd) for k, fd in fds.items()}
+        sinks = {k: AuditSink(AuditChain(k, signer=KEY), fd=fd, flush_interval_s=0)
+                 for k, fd in fds.items()}
         for s in sinks.values():
             s.start(loop)
         assert {k: s.direct for k, s in sinks.items()} == {
@@ -457,7 +458,7 @@ SHORT_WRITE = textwrap.dedent("""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
-        sink = AuditSink(AuditChain("w1"), fd=fd, write_retry_s=0.005)
+        sink = AuditSink(AuditChain("w1"), fd=fd, write_retry_s=0.005, flush_interval_s=0)
         sink.start(asyncio.get_running_loop())
         assert sink.direct
         for i in range(6):  # ~350-byte lines, one batch, one write: cut at 1000 bytes
@@ -488,3 +489,38 @@ def test_a_short_direct_write_leaves_the_cut_line_to_the_writer_and_loses_nothin
     out = subprocess.run([sys.executable, "-c", SHORT_WRITE, str(tmp_path / "audit.jsonl")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+async def test_small_batches_wait_for_the_flush_interval_a_full_write_goes_at_once(pipe):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], flush_interval_s=0.05)
+    sink.start(asyncio.get_running_loop())
+    for i in range(3):
+        sink.emit(rec(i))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sink.records_written == 0 and sink.queue_depth == 3  # several iterations, one batch
+    await wait_until(lambda: sink.records_written == 3)
+    assert sink.queue_depth == 0
+    n = 3
+    while sink.records_written == 3:  # no await: only a full write's worth can flush now
+        sink.emit(rec(n, pad=200))
+        n += 1
+    assert sink._pending_bytes == 0 and sink.records_written == n
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    assert verify_lines(lines, PUB).ok and kinds(lines) == ["decision"] * n + ["checkpoint"]
+    total, first_full = 0, None
+    for k, line in enumerate(lines[3:n], start=1):
+        total += len(line)
+        if total >= PIPE_BUF:
+            first_full = k
+            break
+    assert n - 3 == first_full  # the emit that brought a write's worth wrote, and no earlier one
+
+
+def test_flush_interval_is_bounded():
+    for bad in (-0.001, 1.5):
+        with pytest.raises(ValueError, match="flush_interval_s"):
+            AuditSink(AuditChain("w1"), flush_interval_s=bad)
