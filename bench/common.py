@@ -564,7 +564,9 @@ def portcullis_config(pki: Pki, upstream_port: int, port: int, admin_port: int,
 
 
 def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, workers: int = 1,
-                     name: str = "portcullis", dpop: bool = False) -> Target:
+                     name: str = "portcullis", dpop: bool = False, repo: Path = REPO) -> Target:
+    """A Portcullis sidecar (`repo`: the source tree it runs from, e.g. a worktree of an older
+    commit for bench/ab.py; its `proxy` package shadows the installed one via the cwd)."""
     d = h.dir / name
     d.mkdir(parents=True, exist_ok=True)
     port, admin = free_port(), free_port()
@@ -579,7 +581,7 @@ def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None,
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTCULLIS_")}
     proc = h.start(name, [sys.executable, "-m", "proxy", "serve", "--config", str(cfg),
                           "--workers", str(workers)], cpus=cpus, stdout=open(audit, "ab"),
-                   stderr=open(err, "ab"), env=env, cwd=REPO)
+                   stderr=open(err, "ab"), env=env, cwd=repo)
 
     def ready() -> bool:
         with urllib.request.urlopen(f"http://{HOST}:{admin}/readyz", timeout=2) as r:
