@@ -14,7 +14,8 @@ Rules (DESIGN.md section 6; chain format in `proxy.core.audit`):
     A write that would block (EAGAIN: the reader is behind) or fails hands the lines, from the
     first unwritten one, to the writer thread. This is the common case, and it costs no thread
     wake-up and no GIL hand-over per batch (`bench/ab.py`: -6% CPU per request under wrk with
-    the same batching, -8% at 1,000 req/s where each request is alone in its loop iteration);
+    the same batching; -8% at 1,000 req/s, where each request is alone in its loop iteration,
+    together with the other hot-path changes of the same day);
   - otherwise by one daemon thread, the only place that waits on a blocking `os.write` (a
     socket, a terminal, a full pipe, a failing fd).
 - Writes are batches of whole lines of at most PIPE_BUF bytes, so the lines of several worker
