@@ -182,13 +182,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options whose values are random base64url (a key thumbprint, a server nonce), which begins with
+#: "-" once in 64 values: argparse would read `--nonce -x...` as an option with its value missing,
+#: so `--opt VALUE` is joined into `--opt=VALUE` before parsing (both spellings then work).
+_DASH_VALUE_OPTIONS = frozenset({"--dpop-jkt", "--nonce"})
+
+
+def _join_dash_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":  # everything after it is positional, as argparse reads it
+            out.append(arg)
+            out.extend(it)
+            break
+        if arg in _DASH_VALUE_OPTIONS:
+            value = next(it, None)
+            out.append(arg if value is None else f"{arg}={value}")
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _join_dash_values(list(argv) if argv is not None else sys.argv[1:])
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         # a group without its subcommand: show that group's usage
-        parser.parse_args((argv if argv is not None else sys.argv[1:]) + ["--help"])
+        parser.parse_args(argv + ["--help"])
         return 2
     return int(func(args) or 0)
 

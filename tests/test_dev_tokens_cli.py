@@ -268,15 +268,29 @@ def test_dpop_jkt_binds_like_the_key_file(idp: Path, tmp_path: Path) -> None:
     assert verify_access_token(tok, issuers(idp), time.time()).cnf_jkt == jkt
 
 
-def test_dpop_jkt_that_starts_with_a_dash_is_taken_in_the_documented_form(idp: Path) -> None:
-    # A base64url thumbprint begins with '-' once in 64 keys; argparse reads `--dpop-jkt -x...`
-    # as a missing value (a CI run hit exactly that), so the help and README say --dpop-jkt=JKT.
+def test_dpop_jkt_that_starts_with_a_dash_is_taken_in_both_spellings(idp: Path) -> None:
+    # A base64url thumbprint begins with '-' once in 64 keys; plain argparse reads
+    # `--dpop-jkt -x...` as a missing value (a CI run hit exactly that)
     while not (jkt := thumbprint(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
                ).startswith("-"):
         pass
-    tok = one_line(*token_args(idp, f"--dpop-jkt={jkt}"))
-    assert verify_access_token(tok, issuers(idp), time.time()).cnf_jkt == jkt
-    assert "--dpop-jkt=JKT" in "".join(dev("token", "--help").stdout.split())  # wrapped at -
+    for spelling in ([f"--dpop-jkt={jkt}"], ["--dpop-jkt", jkt]):
+        tok = one_line(*token_args(idp, *spelling))
+        assert verify_access_token(tok, issuers(idp), time.time()).cnf_jkt == jkt
+
+
+def test_a_server_nonce_that_starts_with_a_dash_is_taken(tmp_path: Path) -> None:
+    # the same for nonces (a CI run hit it: a NonceIssuer nonce is base64url too)
+    key = tmp_path / "client.key"
+    one_line("dpop-key", "--out", str(key))
+    nonce = "-" + "A" * 23
+    for spelling in (["--nonce", nonce], [f"--nonce={nonce}"]):
+        proof = one_line("dpop", "--key", str(key), "--method", "GET", "--url", f"{ORIGIN}/x",
+                         *spelling)
+        assert jws_parts(proof)[1]["nonce"] == nonce
+    # a missing value is still an error
+    r = dev("dpop", "--key", str(key), "--method", "GET", "--url", f"{ORIGIN}/x", "--nonce")
+    assert r.returncode == 2 and "--nonce" in r.stderr
 
 
 def test_each_proof_has_a_fresh_jti_and_a_replay_is_caught(tmp_path: Path) -> None:

@@ -222,8 +222,8 @@ def register(subparsers: Any) -> None:
     bind.add_argument("--dpop-key", metavar="FILE",
                       help="bind to this DPoP key (cnf.jkt; the key from `dev dpop-key`)")
     bind.add_argument("--dpop-jkt", metavar="JKT",
-                      help="bind to this DPoP key thumbprint; write --dpop-jkt=JKT, since a "
-                           "base64url thumbprint may begin with '-'")
+                      help="bind to this DPoP key thumbprint (--dpop-jkt JKT or --dpop-jkt=JKT; "
+                           "a thumbprint that begins with '-' is taken either way)")
     bind.add_argument("--mtls-cert", metavar="FILE",
                       help="bind to this client certificate (cnf x5t#S256; PEM leaf or DER)")
     p.add_argument("--authorization-details", metavar="JSON",
@@ -246,7 +246,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--url", required=True,
                    help="URL of the request (query and fragment are left out of htu)")
     p.add_argument("--token", help="the access token sent with it (adds ath)")
-    p.add_argument("--nonce", help="the server nonce (from a DPoP-Nonce response header)")
+    p.add_argument("--nonce", help="the server nonce (from a DPoP-Nonce response header; one that "
+                                   "begins with '-' is taken as well)")
     p.add_argument("--alg", help="proof algorithm (default: the key's; PS256 etc. for RSA)")
     p.add_argument("--iat", type=_int, metavar="EPOCH_S", help="issued-at (default: now)")
     p.set_defaults(func=cmd_dpop)

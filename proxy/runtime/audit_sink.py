@@ -195,15 +195,15 @@ class AuditSink:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
         if self._drops_pending:
             self._seal_drop_notice()
         self._enqueue(self.chain.checkpoint(format_time(self._clock()), final=True))
         self.checkpoints += 1
         self._closed = True
         self._flush()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         self._done_loop = loop
         self._done = loop.create_future()
         self._closing.set()
@@ -310,19 +310,21 @@ class AuditSink:
             self._wfd, self._own_wfd, self._direct = wfd, True, True
 
     def _flush(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._pending_bytes = 0
-            if self._direct and self._handed == self._written_by_writer + self.dropped_unwritable:
-                # the writer thread holds nothing: writing here keeps the order
-                batch = self._write_direct(batch)
-                if self._want_drain and not self.saturated:
-                    self._want_drain = False
-                    self._run_drain_waiters()
-                if not batch:
-                    return
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._pending_bytes = 0
+        if self._direct and self._handed == self._written_by_writer + self.dropped_unwritable:
+            # the writer thread holds nothing: writing here keeps the order
+            batch = self._write_direct(batch)
+        if batch:  # what is left goes to the writer, behind everything it already holds
             self._handed += len(batch)
             self._q.put(batch)
+        if self._want_drain and not self.saturated and self._loop is not None:
+            # drained by a direct write: waiters run later, never inside a flush (they start
+            # requests whose records would otherwise be written ahead of lines in hand here)
+            self._want_drain = False
+            self._loop.call_soon(self._run_drain_waiters)
 
     def _write_direct(self, batch: list[bytes]) -> list[bytes]:
         """Write whole lines, at most PIPE_BUF bytes per write (atomic on a pipe), until a write

@@ -524,3 +524,29 @@ def test_flush_interval_is_bounded():
     for bad in (-0.001, 1.5):
         with pytest.raises(ValueError, match="flush_interval_s"):
             AuditSink(AuditChain("w1"), flush_interval_s=bad)
+
+
+async def test_a_drain_waiter_released_by_a_direct_write_runs_after_the_flush(pipe):
+    reader = Reader(pipe["r"]).start()
+    sink = AuditSink(AuditChain("w1", signer=KEY), fd=pipe["w"], max_queue_records=3,
+                     flush_interval_s=0.05)
+    sink.start(asyncio.get_running_loop())
+    for i in range(3):  # saturated by lines not yet flushed
+        sink.emit(rec(i))
+    assert sink.saturated
+    ran = []
+
+    def waiter() -> None:  # what the listener does: start the held requests (more records)
+        ran.append(sink.queue_depth)
+        sink.emit(rec(3))
+
+    sink.add_drain_waiter(waiter)
+    assert ran == []
+    sink._flush()  # the direct write drains the queue...
+    assert sink.queue_depth == 0 and ran == []  # ...and the waiter is not run inside the flush
+    await wait_until(lambda: ran == [0])
+    await sink.close()
+    close_w(pipe)
+    lines = reader.lines()
+    assert verify_lines(lines, PUB).ok
+    assert [orjson.loads(x).get("decision_id") for x in lines] == ["d0", "d1", "d2", "d3", None]
