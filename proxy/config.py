@@ -18,13 +18,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, TypeVar
 
 import yaml
 
 from proxy.core.schema import build, meta
 from proxy.core.spiffe import parse_trust_domain
 from proxy.errors import ConfigError, InvalidValue, Problem
+
+if TYPE_CHECKING:
+    from proxy.core.policy import CompiledPolicy
 
 ENV_PREFIX = "PORTCULLIS_"
 #: Bounds on a parsed YAML document: values counted after alias expansion (a "billion laughs"
@@ -95,6 +98,22 @@ def policy_document(data: bytes, *, source: str) -> Any:
         raise ConfigError(f"not UTF-8: {exc.reason} at byte {exc.start}", source=source) from None
     except ValueError as exc:
         raise ConfigError(str(exc), source=source) from None
+
+
+def compile_policy_bytes(data: bytes, *, source: str, revision: str,
+                         trust_domains: frozenset[str] | None = None,
+                         stamp_revision: bool = False) -> "CompiledPolicy":
+    """Policy bytes -> CompiledPolicy, for every reader of a policy (the sidecar's file and bundle,
+    the control plane's sources and own policy, `bundle build`, `policy test`): `policy_document`
+    then `core.policy.compile_policy`; ConfigError naming `source`. `stamp_revision`: the
+    document's own `revision` is replaced by `revision` (a bundle's revision is the one every
+    audit record names); otherwise `revision` is used only when the document has none."""
+    from proxy.core.policy import compile_policy  # the compiler is not needed to read a config
+
+    doc = policy_document(data, source=source)
+    if stamp_revision and isinstance(doc, dict):
+        doc = {**doc, "revision": revision}
+    return compile_policy(doc, source=source, revision=revision, known_trust_domains=trust_domains)
 
 
 def _port(v: int) -> str | None:

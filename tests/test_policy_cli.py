@@ -174,6 +174,15 @@ def test_explain_refused_before_the_policy(capsys: pytest.CaptureFixture[str]) -
     assert code == 2 and "request.workload" in err
 
 
+def test_explain_request_is_read_with_the_bounded_reader(capsys: pytest.CaptureFixture[str]) -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg"))  # 10**7 values once expanded
+    code, _, err = run(capsys, "policy", "explain", "--policy", str(CONFIG / "policy.example.yaml"),
+                       "--request", bomb)
+    assert code == 2 and "--request is not JSON/YAML: document too large" in err
+
+
 # ---- the simulation's building blocks ----------------------------------------------------------
 
 

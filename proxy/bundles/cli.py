@@ -132,11 +132,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _policy_compiles(data: bytes, source: str, revision: int) -> bool:
-    from proxy.config import policy_document
-    from proxy.core.policy import compile_policy
+    from proxy.config import compile_policy_bytes
 
     try:
-        compile_policy(policy_document(data, source=source), source=source, revision=str(revision))
+        compile_policy_bytes(data, source=source, revision=str(revision))
     except ConfigError as exc:
         _err("build", f"the policy has {len(exc.problems)} problem(s):")
         for line in exc.render().splitlines():

@@ -24,12 +24,12 @@ import orjson
 from aiohttp import web
 
 from proxy.bundles.io import Limits
-from proxy.config import policy_document
+from proxy.config import compile_policy_bytes
 from proxy.controlplane.api import make_app
 from proxy.controlplane.config import ControlPlaneConfig
 from proxy.controlplane.fleet import Fleet
 from proxy.controlplane.store import BundleStore, load_public_keys, load_signing_key
-from proxy.core.policy import CompiledPolicy, compile_policy
+from proxy.core.policy import CompiledPolicy
 from proxy.core.spiffe import OwnSvid, TrustBundle, TrustStore, load_own_svid, parse_bundle
 from proxy.errors import ConfigError, Problem
 from proxy.runtime.refresher import Refreshable
@@ -48,8 +48,8 @@ def _stdout_writer(line: bytes) -> None:
 
 def parse_api_policy(data: bytes, digest: str, *, source: str,
                      trust_domains: frozenset[str]) -> CompiledPolicy:
-    return compile_policy(policy_document(data, source=source), source=source,
-                          revision=f"sha256:{digest[:12]}", known_trust_domains=trust_domains)
+    return compile_policy_bytes(data, source=source, revision=f"sha256:{digest[:12]}",
+                                trust_domains=trust_domains)
 
 
 class ControlPlane:

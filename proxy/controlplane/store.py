@@ -40,11 +40,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from proxy.bundles.io import (Limits, atomic_write, read_source_dir, read_targz_bytes,
                               read_targz_files, to_targz)
-from proxy.config import policy_document
+from proxy.config import compile_policy_bytes
 from proxy.controlplane import revocations as rv
 from proxy.controlplane.config import BundleConfig
 from proxy.core import bundle as cb
-from proxy.core.policy import compile_policy
 from proxy.errors import BundleError, ConfigError, InvalidValue, Problem
 
 log = logging.getLogger("portcullis.controlplane.store")
@@ -118,8 +117,8 @@ def validate_files(files: Mapping[str, bytes], *, revision: int,
         problems.append(_problem(cb.POLICY_NAME, "", "is required"))
     else:
         try:
-            compile_policy(policy_document(policy, source=cb.POLICY_NAME), source=cb.POLICY_NAME,
-                           revision=str(revision), known_trust_domains=trust_domains)
+            compile_policy_bytes(policy, source=cb.POLICY_NAME, revision=str(revision),
+                                 trust_domains=trust_domains)
         except ConfigError as exc:
             problems.extend(_problem(cb.POLICY_NAME, p.path, p.message) for p in exc.problems)
     revs = files.get(cb.REVOCATIONS_NAME)

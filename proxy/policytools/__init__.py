@@ -46,11 +46,10 @@ from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import quote
 
-import yaml
-
+from proxy.config import compile_policy_bytes, yaml_document
 from proxy.core.model import Actor, Binding, RequestContext, TokenClaims, Verdict
 from proxy.core.paths import canonicalize_target
-from proxy.core.policy import CompiledPolicy, compile_policy, evaluate, extract_params
+from proxy.core.policy import CompiledPolicy, evaluate, extract_params
 from proxy.core.spiffe import parse_spiffe_id
 from proxy.errors import ConfigError, InvalidValue, ProxyError
 
@@ -75,12 +74,8 @@ def load_policy(path: Path) -> CompiledPolicy:
         data = f.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {f}: {exc.strerror}", source=str(f)) from None
-    try:
-        doc = yaml.safe_load(data.decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"not valid YAML: {exc}", source=str(f)) from None
     digest = hashlib.sha256(data).hexdigest()
-    return compile_policy(doc, source=str(f), revision=f"sha256:{digest[:12]}")
+    return compile_policy_bytes(data, source=str(f), revision=f"sha256:{digest[:12]}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,9 +319,9 @@ class CaseResult:
 
 
 def load_cases(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    try:  # bounded like every YAML document the project reads
+        return yaml_document(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read test cases: {exc}", source=str(path)) from None
 
 

@@ -28,8 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from proxy.config import yaml_document
 from proxy.errors import ConfigError
 
 PROG = "portcullis policy"
@@ -150,8 +149,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             _err(f"cannot read {text[1:]}: {exc}")
             return 2
     try:
-        request = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        request = yaml_document(text)
+    except ValueError as exc:
         _err(f"--request is not JSON/YAML: {exc}")
         return 2
     policy = _load(Path(args.policy))

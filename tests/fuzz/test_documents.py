@@ -208,12 +208,15 @@ def test_the_value_bound_grows_with_the_text_but_not_with_aliases() -> None:
         raise AssertionError("accepted")
 
 
-def test_every_policy_reader_refuses_the_alias_bomb() -> None:
-    # one bounded reader (config.policy_document) behind the sidecar's file and bundle, the
-    # control plane's validation of published sources, its own policy, and `bundle build`
+def test_every_policy_reader_refuses_the_alias_bomb(tmp_path) -> None:
+    # one bounded reader (config.compile_policy_bytes) behind the sidecar's file and bundle, the
+    # control plane's validation of published sources, its own policy, `bundle build` and
+    # `policy test` / `policy explain`
     from proxy.bundles.cli import _policy_compiles
     from proxy.controlplane.server import parse_api_policy
     from proxy.controlplane.store import validate_files
+    from proxy.policytools import load_cases
+    from proxy.policytools import load_policy as load_policy_file
     from proxy.runtime.policy_load import load_policy
 
     text = (_BOMB + "version: 1\nrules: [{id: r, effect: allow, from: {workloads: [*i]}, "
@@ -222,8 +225,12 @@ def test_every_policy_reader_refuses_the_alias_bomb() -> None:
     problems = validate_files({"policy.yaml": text}, revision=1, trust_domains=tds,
                               max_revocation_entries=None)
     assert any("document too large" in p["message"] for p in problems), problems
+    (tmp_path / "policy.yaml").write_bytes(text)
+    (tmp_path / "cases.yaml").write_bytes(text)
     for load in (lambda: parse_api_policy(text, "0" * 64, source="p", trust_domains=tds),
-                 lambda: load_policy(text, source="p", revision="r", trust_domains=tds)):
+                 lambda: load_policy(text, source="p", revision="r", trust_domains=tds),
+                 lambda: load_policy_file(tmp_path / "policy.yaml"),
+                 lambda: load_cases(tmp_path / "cases.yaml")):
         try:
             load()
         except ConfigError as err:

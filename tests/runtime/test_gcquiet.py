@@ -63,13 +63,13 @@ def test_overlapping_threads_reenable_only_when_the_last_leaves() -> None:
 
 def test_the_policy_file_is_parsed_and_compiled_with_the_collector_paused(monkeypatch) -> None:
     seen = []
-    real = policy_load.compile_policy
+    real = policy_load.compile_policy_bytes  # reads and compiles
 
     def spy(*args, **kwargs):
         seen.append(gc.isenabled())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(policy_load, "compile_policy", spy)
+    monkeypatch.setattr(policy_load, "compile_policy_bytes", spy)
     text = b'{"version": 1, "rules": [{"id": "r", "effect": "allow", ' \
            b'"from": {"workloads": ["spiffe://example.org/a"]}, "to": [{"paths": ["/"]}]}]}'
     policy = inputs.parse_policy_file(text, "0" * 64, source="p",
