@@ -24,7 +24,6 @@ A script: prints, asserts nothing.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -33,11 +32,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, clock ticks
 
 
 def main() -> int:
@@ -55,7 +49,6 @@ def main() -> int:
         ap.error("give REF, or --aa")
     common.require_tools()
     proxy_cpu, load_cpu, _ = common.cpu_layout()
-    tick_us = 1e6 / os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="portcullis-ab-") as tmp, \
             common.Harness(prefix="portcullis-ab-") as h:
         repo_a = common.REPO
@@ -97,9 +90,9 @@ def main() -> int:
                 for name in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
                     t = targets[name]
                     pid = t.pids()[0]
-                    before = cpu_ticks(pid)
+                    before = common.cpu_seconds(pid)
                     done, lat = load(t, args.duration)
-                    per[name].append((cpu_ticks(pid) - before) * tick_us / max(1, done))
+                    per[name].append((common.cpu_seconds(pid) - before) * 1e6 / max(1, done))
                     if lat is not None:
                         p50[name].append(lat)
                 ratios.append(per["B"][-1] / per["A"][-1])

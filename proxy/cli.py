@@ -182,13 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: Options whose values are random base64url (a key thumbprint, a server nonce), which begins with
-#: "-" once in 64 values: argparse would read `--nonce -x...` as an option with its value missing,
-#: so `--opt VALUE` is joined into `--opt=VALUE` before parsing (both spellings then work).
-_DASH_VALUE_OPTIONS = frozenset({"--dpop-jkt", "--nonce"})
-
-
 def _join_dash_values(argv: list[str]) -> list[str]:
+    """`--opt VALUE` -> `--opt=VALUE` for the options whose values may begin with "-"
+    (`proxy.dev.cli.DASH_VALUE_OPTIONS`), so that both spellings work for any value."""
+    from proxy.dev.cli import DASH_VALUE_OPTIONS
+
     out: list[str] = []
     it = iter(argv)
     for arg in it:
@@ -196,7 +194,7 @@ def _join_dash_values(argv: list[str]) -> list[str]:
             out.append(arg)
             out.extend(it)
             break
-        if arg in _DASH_VALUE_OPTIONS:
+        if arg in DASH_VALUE_OPTIONS:
             value = next(it, None)
             out.append(arg if value is None else f"{arg}={value}")
         else:

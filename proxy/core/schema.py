@@ -119,15 +119,11 @@ def _converter(tp: Any) -> Converter:
         (item_tp, _ellipsis) = get_args(tp)
 
         def tuple_of(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
-            if not isinstance(value, list):
-                problems.append(Problem(path, f"must be a list; got {type(value).__name__}"))
-                return MISSING
-            if md.get("nonempty") and not value:
-                problems.append(Problem(path, "must not be empty"))
+            if not _container(value, list, "a list", path, problems, md):
                 return MISSING
             out = []
             for i, item in enumerate(value):
-                v = _convert(item_tp, item, f"{path}[{i}]", problems, _NO_META)
+                v = _convert(item_tp, item, join(path, i), problems, _NO_META)
                 if v is not MISSING:
                     out.append(v)
             return tuple(out)
@@ -136,11 +132,7 @@ def _converter(tp: Any) -> Converter:
         _k, item_tp = get_args(tp)
 
         def dict_of(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
-            if not isinstance(value, dict):
-                problems.append(Problem(path, f"must be a mapping; got {type(value).__name__}"))
-                return MISSING
-            if md.get("nonempty") and not value:
-                problems.append(Problem(path, "must not be empty"))
+            if not _container(value, dict, "a mapping", path, problems, md):
                 return MISSING
             out_d = {}
             for k, item in value.items():
@@ -177,11 +169,7 @@ def _converter(tp: Any) -> Converter:
         return number
     if tp is str:
         def string(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
-            if not isinstance(value, str):
-                problems.append(Problem(path, f"must be a string; got {value!r}"))
-                return MISSING
-            if md.get("nonempty") and not value:
-                problems.append(Problem(path, "must not be empty"))
+            if not _container(value, str, "a string", path, problems, md, show_value=True):
                 return MISSING
             pat = md.get("pattern")
             if pat is not None and not re.fullmatch(pat, value):
@@ -195,6 +183,20 @@ def _converter(tp: Any) -> Converter:
     def unsupported(value: Any, path: str, problems: list[Problem], md: Mapping[str, Any]) -> Any:
         raise TypeError(f"unsupported field type {tp!r} at {path}")
     return unsupported
+
+
+def _container(value: Any, kind: type, noun: str, path: str, problems: list[Problem],
+               md: Mapping[str, Any], *, show_value: bool = False) -> bool:
+    """The first checks of a list, mapping or string value: its type (the problem names the type
+    it got, or for a string the value itself), then `nonempty`."""
+    if not isinstance(value, kind):
+        got = repr(value) if show_value else type(value).__name__
+        problems.append(Problem(path, f"must be {noun}; got {got}"))
+        return False
+    if md.get("nonempty") and not value:
+        problems.append(Problem(path, "must not be empty"))
+        return False
+    return True
 
 
 _NO_META: Mapping[str, Any] = types.MappingProxyType({})

@@ -165,6 +165,12 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+#: The options registered here whose values are random base64url (a key thumbprint, a server
+#: nonce), which begins with "-" once in 64 values: argparse would read `--nonce -x...` as an option
+#: with its value missing, so `proxy.cli.main` joins `--opt VALUE` into `--opt=VALUE` first.
+DASH_VALUE_OPTIONS = frozenset({"--dpop-jkt", "--nonce"})
+
+
 def register(subparsers: Any) -> None:
     """Add `ca`, `svid`, `keypair`, `issuer`, `token`, `dpop-key` and `dpop` to the sub-parsers
     of the `dev` command."""

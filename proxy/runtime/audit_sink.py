@@ -228,9 +228,7 @@ class AuditSink:
         if self._closed:
             self._drop(record, "the sink is closed")
             return
-        depth = (self._enqueued - self._written_direct - self._written_by_writer
-                 - self.dropped_unwritable)
-        if depth >= self.hard_cap:
+        if self.queue_depth >= self.hard_cap:
             self._drop(record, f"queue past its hard cap of {self.hard_cap} lines")
             return
         if self._drops_pending:
@@ -239,8 +237,7 @@ class AuditSink:
         self.records_emitted += 1
         if self.chain.since_checkpoint >= self.checkpoint_every_records:
             self._checkpoint()
-        if (self._enqueued - self._written_direct - self._written_by_writer
-                - self.dropped_unwritable) >= self.max_queue_records:
+        if self.saturated:
             if not self._was_saturated:
                 self._was_saturated = True
                 self.saturated_events += 1
