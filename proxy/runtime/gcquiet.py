@@ -1,39 +1,164 @@
-"""The cyclic garbage collector paused while a policy is parsed and compiled.
+"""Large policies loaded and dropped beside live traffic without stalling the event loop.
 
-Rules:
-- Parsing and compiling a large policy (10,000 rules: ~600,000 tracked objects) in a worker
-  thread triggers collections that scan the whole heap while holding the GIL, so the event loop,
-  which shares the GIL, stalls for 100+ ms at a time (`bench/bench_reload.py`). Inside
-  `gc_paused()` only the cyclic collector waits: reference counting still frees everything
-  acyclic at once, and the collector runs normally again afterwards.
-- Several threads may be inside at once (file policy and control plane bundle): the collector is
-  re-enabled when the last one leaves, and only if it was enabled before the first entered.
+A 10,000-rule policy is ~3.8 MB of JSON and ~480,000 objects the cyclic collector tracks. The
+event loop shares the GIL with the thread that loads it, so anything that holds the GIL for long
+stalls every request in flight (`bench/bench_reload.py` measures it). Rules:
+- `gc_paused()` around a load (parse + compile, in a worker thread):
+  - the cyclic collector waits: collections would scan the whole growing heap while holding the
+    GIL (100+ ms each). Reference counting still frees everything acyclic at once;
+  - on leaving, everything allocated meanwhile joins the oldest generation without being scanned
+    (`gc.freeze()` then `gc.unfreeze()`: two list splices). Left in the youngest generation, the
+    new policy would be scanned whole by the next young collection and again by the next middle
+    one, ~0.1-0.3 s of GIL each, right after every reload. Nothing is frozen for good: cyclic
+    garbage that joined the oldest generation is still found by its next collection;
+  - the interpreter's switch interval is 1 ms instead of 5 (also while a release runs): a thread
+    that wants the GIL (the event loop) waits about that long, not 5 ms, for the busy one.
+  Several threads may be inside at once (file policy and control plane bundle): the collector and
+  the switch interval are restored when the last one leaves, the collector only if it was enabled
+  before the first entered.
+- `release_in_background(obj)`: the caller's last reference to a large, no longer used object
+  graph (the State a reload replaced, with its policy) is dropped by a daemon thread a slice at a
+  time. Dropped at once, a 10,000-rule policy is ~90 ms of deallocation in one C call, on
+  whichever thread let go last (the event loop, when it swaps the State). The thread first lists
+  the graph breadth-first, following only objects referenced by their parent alone (the
+  reference count tells), so an object shared with anything still in use is never followed;
+  then it lets go of the list a slice at a time, root first: each object freed has its children
+  still held by the list, so no single step frees more than a slice. It starts once the caller's
+  reference is gone (the root's reference count tells; it waits up to `RELEASE_WAIT_S`).
 """
 
 from __future__ import annotations
 
 import gc
+import logging
+import queue
+import sys
 import threading
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
+
+log = logging.getLogger("portcullis.gcquiet")
+
+SWITCH_INTERVAL_S = 0.001  # while a load or a release runs beside the event loop
+RELEASE_SLICE = 500  # objects let go of per step
+RELEASE_WAIT_S = 10.0  # how long a release waits for the caller to let go of the root
 
 _lock = threading.Lock()
-_depth = 0
+_gc_depth = 0
 _was_enabled = False
+_switch_depth = 0
+_switch_interval = 0.005
 
 
 @contextmanager
-def gc_paused() -> Iterator[None]:
-    global _depth, _was_enabled
+def _short_switch_interval() -> Iterator[None]:
+    """The interpreter's switch interval at most SWITCH_INTERVAL_S while any thread is inside."""
+    global _switch_depth, _switch_interval
     with _lock:
-        if _depth == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _depth += 1
+        if _switch_depth == 0:
+            _switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_interval, SWITCH_INTERVAL_S))
+        _switch_depth += 1
     try:
         yield
     finally:
         with _lock:
-            _depth -= 1
-            if _depth == 0 and _was_enabled:
+            _switch_depth -= 1
+            if _switch_depth == 0:
+                sys.setswitchinterval(_switch_interval)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    global _gc_depth, _was_enabled
+    with _lock:
+        if _gc_depth == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_depth += 1
+    try:
+        with _short_switch_interval():
+            yield
+    finally:
+        with _lock:
+            _gc_depth -= 1
+            if _gc_depth == 0 and _was_enabled:
+                gc.freeze()  # every generation -> the permanent one, unscanned
+                gc.unfreeze()  # ... -> the oldest generation
                 gc.enable()
+
+
+def _child_refs(obj: Any) -> list[tuple[Any, int]]:
+    return [(c, sys.getrefcount(c)) for c in gc.get_referents(obj)]
+
+
+# the count `_child_refs` sees for a child that only its parent refers to (calibrated: it depends
+# on the interpreter's own temporary references)
+_ALONE = _child_refs([object()])[0][1]
+_probe = [object()]
+_IN_BOX = sys.getrefcount(_probe[0])  # the count `release` sees for an object only its box holds
+del _probe
+
+
+def _graph(root: Any) -> list[Any]:
+    """`root` and every object reachable from it through objects referenced by their parent
+    alone, breadth-first."""
+    out = [root]
+    i = 0
+    while i < len(out):
+        for child, refs in _child_refs(out[i]):
+            if refs == _ALONE:
+                out.append(child)
+        i += 1
+    return out
+
+
+class _Releaser:
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.released = 0  # graphs let go of (tests and logs)
+
+    def put(self, obj: Any) -> None:
+        self.q.put(obj)
+        with self.lock:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.run, name="portcullis-release",
+                                               daemon=True)
+                self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            box = [self.q.get()]  # no frame of this thread may hold the root itself
+            try:
+                self.release(box)
+            except Exception:  # never lose the thread over one graph
+                log.exception("releasing a replaced object graph failed")
+
+    def release(self, box: list[Any]) -> None:
+        """Let go of the object in `box`, a slice at a time, once no one else refers to it."""
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while sys.getrefcount(box[0]) > _IN_BOX and time.monotonic() < deadline:
+            time.sleep(0.005)  # the caller's frame still holds it (or something else does:
+            # then, past the deadline, the slices free what they can and its last holder the rest)
+        with _short_switch_interval():
+            objs = _graph(box.pop())
+            n = len(objs)
+            objs.reverse()  # root last: deleting from the end lets go of it first
+            while objs:
+                del objs[-RELEASE_SLICE:]
+                time.sleep(0)  # let a waiting event loop have the GIL between slices
+        self.released += 1
+        log.debug("released %d objects in %.0f ms", n, (time.perf_counter() - t0) * 1000)
+
+
+_releaser = _Releaser()
+
+
+def release_in_background(obj: Any) -> None:
+    """Take over the caller's reference to `obj` and drop it from a daemon thread, a slice at a
+    time (see the module docstring). The caller must not keep using `obj`."""
+    _releaser.put(obj)

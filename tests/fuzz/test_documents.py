@@ -258,3 +258,60 @@ def test_a_policy_that_is_not_utf8_names_its_source() -> None:
         assert str(err).startswith("bundle@3/policy.yaml: not UTF-8")
     else:
         raise AssertionError("accepted")
+
+
+# -- config._strict_json: a policy read piece by piece, exactly as json.loads reads it ----------
+
+_REFUSED = object()
+
+
+def _loads(text: str):
+    """json.loads as the sidecar calls it, or _REFUSED."""
+    import json
+
+    from proxy.config import _no_constant
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        return _REFUSED
+
+
+_JSON_NOISE = st.sampled_from(["", " ", "\n", "\t", "\r\n", ",", ":", "]", "}", "[", "{", '"', "x",
+                               "NaN", "1", "\ufeff", "\x0b", "\u00a0", "[1,]", '{"a":1,}', "//"])
+
+
+@SETTINGS
+@given(st.dictionaries(st.text(max_size=6), JSONISH, max_size=5), st.booleans(),
+       st.lists(st.tuples(st.integers(min_value=0, max_value=10_000), _JSON_NOISE), max_size=3),
+       st.sampled_from([None, 0, 2]))
+def test_the_piecewise_json_reader_reads_what_json_loads_reads(doc, as_list, edits, indent) -> None:
+    """The same value for every text json.loads reads (duplicate keys included) and `_NOT_JSON`
+    for every text it refuses, whatever the whitespace, with random bytes spliced in."""
+    import json
+
+    from proxy.config import _NOT_JSON, _strict_json
+    if as_list:  # the shape of a policy: top-level members that are arrays
+        doc = {k: [v, v] if i % 2 else [] for i, (k, v) in enumerate(doc.items())}
+    text = json.dumps(doc, indent=indent, allow_nan=True)
+    for pos, piece in edits:
+        pos %= len(text) + 1
+        text = text[:pos] + piece + text[pos:]
+    expected = _loads(text)
+    got = _strict_json(text)
+    if expected is _REFUSED:
+        assert got is _NOT_JSON, text
+    else:
+        assert got == expected and type(got) is type(expected), text
+
+
+def test_the_piecewise_json_reader_refuses_what_json_loads_refuses() -> None:
+    from proxy.config import _NOT_JSON, _strict_json
+    for text in ('{"a": [1, 2,]}', '{"a": [1 2]}', '{"a": 1,}', '{"a" 1}', '{a: 1}', '{"a": 1} x',
+                 '{"a": 1}}', '{"a": [1, NaN]}', '{"a": Infinity}', '{"a": [', '{"a": [1,',
+                 '{"a": [1]', '{"a"', "{", '{"a": [1], }', '\ufeff{"a": 1}', '{"a": [-]}',
+                 '{"a": "\x01"}', '{"a": [1 x2]}', '{"a": [1 ;2]}', '{"a": 1 x"b": 2}',
+                 '{"a" x: 1}', '{"a" x1}', '{"a": [1]x "b": 2}', '{"a": [' + "[" * 100_000 + "]" * 100_000 + "]}"):
+        assert _strict_json(text) is _NOT_JSON, text
+        assert _loads(text) is _REFUSED, text
+    assert _strict_json(' {"a": [ ], "b" : [1 , {"c": [2]}] ,"a": {} } \n') == {"a": {}, "b": [1, {"c": [2]}]}
+    assert _strict_json("{}") == {} and _strict_json('{"a": []}') == {"a": []}

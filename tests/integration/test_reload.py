@@ -38,6 +38,18 @@ async def wait_for(pred, timeout=5.0, step=0.05):
     return False
 
 
+async def allow_batch_with_revision_r2(sc, pki) -> None:
+    """Rewrite the policy file (revision r2: the batch workload may call anything) and wait
+    until the sidecar enforces it."""
+    (pki.root / "policy.yaml").write_text(
+        "version: 1\nrevision: r2\nrules:\n- id: batch-now\n  effect: allow\n"
+        "  from: {workloads: [spiffe://example.org/ns/demo/sa/batch]}\n  to: [{paths: ['/**']}]\n")
+
+    async def allowed():
+        return (await curl(sc.url("/api/x"), pki.client("batch"), cacert=pki.bundle)).status == 200
+    assert await wait_for(allowed)
+
+
 async def test_rotation_of_svid_and_ca_during_load_loses_no_request(sidecar_factory, pki, upstream):
     ca1 = pki.ca
     ca2 = DevCA.create(TD, common_name="example.org root 2")
@@ -177,13 +189,7 @@ async def test_policy_reload_applies_new_revision_and_bad_policy_keeps_old(sidec
     r = await curl(sidecar.url("/api/x"), pki.client("batch"), cacert=pki.bundle)
     assert r.status == 403
     rev1 = (await sidecar.wait_records(1))[-1]["policy_revision"]
-    (pki.root / "policy.yaml").write_text(
-        "version: 1\nrevision: r2\nrules:\n- id: batch-now\n  effect: allow\n"
-        "  from: {workloads: [spiffe://example.org/ns/demo/sa/batch]}\n  to: [{paths: ['/**']}]\n")
-
-    async def allowed():
-        return (await curl(sidecar.url("/api/x"), pki.client("batch"), cacert=pki.bundle)).status == 200
-    assert await wait_for(allowed)
+    await allow_batch_with_revision_r2(sidecar, pki)
 
     async def last_is_allow():
         recs = sidecar.records()
@@ -216,3 +222,18 @@ async def test_stale_policy_fails_closed_after_max_staleness(sidecar_factory, pk
     assert r.json() == {"error": "policy_stale", "decision_id": r.json()["decision_id"]}
     recs = await sc.wait_records(before + 2)
     assert recs[-1]["decision"] == "error" and recs[-1]["code"] == "policy_stale"
+
+
+async def test_a_replaced_policy_is_released_off_the_event_loop(sidecar, pki, upstream, monkeypatch):
+    """The State a reload replaces (with its policy) goes to gcquiet's release thread, which
+    frees a large policy a slice at a time, instead of being freed at once on the loop."""
+    from proxy.runtime import server
+
+    handed: list = []
+    monkeypatch.setattr(server, "release_in_background", handed.append)
+    old = sidecar.worker.state
+    await asyncio.sleep(0.3)  # polls that change nothing release nothing
+    assert handed == []
+    await allow_batch_with_revision_r2(sidecar, pki)
+    assert handed == [old] and sidecar.worker.state.policy.revision == "r2"
+    assert old.policy.revision != "r2"
