@@ -158,6 +158,12 @@ def policy_document(data: bytes, *, source: str) -> Any:
         raise ConfigError(str(exc), source=source) from None
 
 
+def file_revision(sha256_hex: str) -> str:
+    """The revision of a policy document that names none: `sha256:` and the first 12 hex digits
+    of its file's SHA-256 (what audit records, /readyz and the policy tools show)."""
+    return f"sha256:{sha256_hex[:12]}"
+
+
 def compile_policy_bytes(data: bytes, *, source: str, revision: str,
                          trust_domains: frozenset[str] | None = None,
                          stamp_revision: bool = False) -> "CompiledPolicy":

@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from proxy.bundles.io import Limits
-from proxy.config import compile_policy_bytes
+from proxy.config import compile_policy_bytes, file_revision
 from proxy.controlplane.api import make_app
 from proxy.controlplane.config import ControlPlaneConfig
 from proxy.controlplane.fleet import Fleet
@@ -48,7 +48,7 @@ def _stdout_writer(line: bytes) -> None:
 
 def parse_api_policy(data: bytes, digest: str, *, source: str,
                      trust_domains: frozenset[str]) -> CompiledPolicy:
-    return compile_policy_bytes(data, source=source, revision=f"sha256:{digest[:12]}",
+    return compile_policy_bytes(data, source=source, revision=file_revision(digest),
                                 trust_domains=trust_domains)
 
 

@@ -46,7 +46,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import quote
 
-from proxy.config import compile_policy_bytes, yaml_document
+from proxy.config import compile_policy_bytes, file_revision, yaml_document
 from proxy.core.model import Actor, Binding, RequestContext, TokenClaims, Verdict
 from proxy.core.paths import canonicalize_target
 from proxy.core.policy import CompiledPolicy, evaluate, extract_params
@@ -75,7 +75,7 @@ def load_policy(path: Path) -> CompiledPolicy:
     except OSError as exc:
         raise ConfigError(f"cannot read {f}: {exc.strerror}", source=str(f)) from None
     digest = hashlib.sha256(data).hexdigest()
-    return compile_policy_bytes(data, source=str(f), revision=f"sha256:{digest[:12]}")
+    return compile_policy_bytes(data, source=str(f), revision=file_revision(digest))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from proxy.config import Config, IssuerConfig
+from proxy.config import Config, IssuerConfig, file_revision
 from proxy.core.dpop import DPoPConfig, NonceIssuer, normalize_origin
 from proxy.core.jose import JWKSet, parse_jwks
 from proxy.core.pipeline import IdentityHeaders, State, TokenSettings
@@ -37,7 +37,7 @@ log = logging.getLogger("portcullis.inputs")
 
 def parse_policy_file(data: bytes, digest: str, *, source: str,
                       trust_domains: frozenset[str]) -> CompiledPolicy:
-    return load_policy(data, source=source, revision=f"sha256:{digest[:12]}",
+    return load_policy(data, source=source, revision=file_revision(digest),
                        trust_domains=trust_domains)
 
 
