@@ -60,55 +60,60 @@ def _strict_json(text: str) -> Any:
     here, so the nesting a RecursionError stops at is two levels deeper than json.loads's; far
     past MAX_YAML_DEPTH, which `yaml_document` enforces next.)"""
     try:
-        ws = _JSON_WS.match
-        decode = _JSON.raw_decode
-        i = ws(text, 0).end()
+        i = _skip(text, 0)
         if text[i:i + 1] != "{":
             return json.loads(text, parse_constant=_no_constant)
+        decode = _JSON.raw_decode
         obj: dict[str, Any] = {}
-        i = ws(text, i + 1).end()
-        if text[i:i + 1] == "}":
-            i += 1
-        else:
-            while True:
-                if text[i:i + 1] != '"':
-                    return _NOT_JSON
-                key, i = decode(text, i)
-                i = ws(text, i).end()
-                if text[i:i + 1] != ":":
-                    return _NOT_JSON
-                i = ws(text, i + 1).end()
-                if text[i:i + 1] == "[":
-                    value: list[Any] = []
-                    i = ws(text, i + 1).end()
-                    if text[i:i + 1] == "]":
-                        i += 1
-                    else:
-                        while True:
-                            item, i = decode(text, i)
-                            value.append(item)
-                            i = ws(text, i).end()
-                            c = text[i:i + 1]
-                            i = ws(text, i + 1).end()
-                            if c == "]":
-                                break
-                            if c != ",":
-                                return _NOT_JSON
-                    obj[key] = value
-                else:
-                    obj[key], i = decode(text, i)
-                i = ws(text, i).end()
-                c = text[i:i + 1]
-                i = ws(text, i + 1).end()
-                if c == "}":
-                    break
-                if c != ",":
-                    return _NOT_JSON
-        if ws(text, i).end() != len(text):
+        i, done = _opened(text, i, "}")
+        while not done:
+            if text[i:i + 1] != '"':
+                return _NOT_JSON
+            key, i = decode(text, i)
+            i = _skip(text, i)
+            if text[i:i + 1] != ":":
+                return _NOT_JSON
+            i = _skip(text, i + 1)
+            if text[i:i + 1] == "[":
+                value: list[Any] = []
+                i, end = _opened(text, i, "]")
+                while not end:
+                    item, i = decode(text, i)
+                    value.append(item)
+                    i, end = _after_value(text, i, "]")
+                obj[key] = value
+            else:
+                obj[key], i = decode(text, i)
+            i, done = _after_value(text, i, "}")
+        if _skip(text, i) != len(text):
             return _NOT_JSON  # trailing data
         return obj
     except (ValueError, RecursionError):
         return _NOT_JSON
+
+
+def _skip(text: str, i: int) -> int:
+    return _JSON_WS.match(text, i).end()  # type: ignore[union-attr]
+
+
+def _opened(text: str, i: int, close: str) -> tuple[int, bool]:
+    """At an opening bracket: the position of the first value and whether it closes at once."""
+    i = _skip(text, i + 1)
+    if text[i:i + 1] == close:
+        return i + 1, True
+    return i, False
+
+
+def _after_value(text: str, i: int, close: str) -> tuple[int, bool]:
+    """After a value: past the ',' (False: a value follows) or the `close` (True); a ValueError
+    for anything else."""
+    i = _skip(text, i)
+    c = text[i:i + 1]
+    if c == ",":
+        return _skip(text, i + 1), False
+    if c == close:
+        return i + 1, True
+    raise ValueError(f"expected ',' or {close!r} at {i}")
 
 
 def yaml_document(text: str) -> Any:
