@@ -3,7 +3,8 @@
 Rules:
 - Status, code and `WWW-Authenticate` challenge come from the error class/instance; nothing else
   in the code base writes an error response.
-- The body is small JSON: `{"error": <stable code>, "decision_id": <id>}`. `detail` (internals,
+- The body is small JSON: `{"error": <stable code>, "decision_id": <id>}` (no `decision_id` for
+  the admin listener's refusals, which decide nothing). `detail` (internals,
   reasons) never reaches the client; it goes to the audit record and stderr.
 - Responses are never cached (`cache-control: no-store`); `connection: close` when the connection
   will be closed after this response.
@@ -24,8 +25,11 @@ def reason_phrase(status: int) -> str:
     return _REASONS.get(status, "Unknown")
 
 
-def render_error(err: ProxyError, *, decision_id: str, close: bool, head_only: bool = False) -> bytes:
-    body = orjson.dumps({"error": err.code, "decision_id": decision_id})
+def render_error(err: ProxyError, *, decision_id: str | None, close: bool,
+                 head_only: bool = False) -> bytes:
+    """`decision_id` None: an answer that is no decision (the admin listener's)."""
+    body = orjson.dumps({"error": err.code} if decision_id is None
+                        else {"error": err.code, "decision_id": decision_id})
     lines = [
         f"HTTP/1.1 {err.status} {reason_phrase(err.status)}",
         "content-type: application/json",

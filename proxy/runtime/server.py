@@ -149,7 +149,7 @@ class Worker:
         if not await self._start_remote_bundle():
             await self._shutdown(upstream, sweeper, listening=False)
             if admin_runner is not None:
-                await admin_runner.cleanup()
+                await admin_runner.close()
             return
         self._server = await loop.create_server(
             self.plane.factory, cfg.listener.address, cfg.listener.port, ssl=self.tls.dispatch,
@@ -171,7 +171,7 @@ class Worker:
             loop.remove_reader(control.fileno())
         await self._shutdown(upstream, sweeper)
         if admin_runner is not None:
-            await admin_runner.cleanup()
+            await admin_runner.close()
 
     async def _start_remote_bundle(self) -> bool:
         """With a control plane URL: fetch the bundle before listening (readiness stays red until
@@ -197,9 +197,11 @@ class Worker:
         return True
 
     async def _start_remote_jwks(self) -> None:
+        tok = self.cfg.tokens
+        if all(i.jwks_url is None for i in tok.issuers):
+            return  # runtime.jwks (and aiohttp, ~12 MiB resident) only when a JWKS is fetched
         from proxy.runtime.jwks import RemoteJwks
 
-        tok = self.cfg.tokens
         for i in tok.issuers:
             if i.jwks_url is None:
                 continue

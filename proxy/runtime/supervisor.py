@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from proxy.config import Config
-from proxy.runtime.admin import make_app, start_app
+from proxy.runtime.admin import start_app
 from proxy.runtime.metrics import Metrics, make_registry
 
 log = logging.getLogger("portcullis.supervisor")
@@ -88,8 +88,8 @@ class Supervisor:
             self._spawn(c)
         runner = None
         if self.cfg.admin.enabled:
-            app = make_app(self.status, self.exposition)
-            runner, port = await start_app(app, self.cfg.admin.address, self.cfg.admin.port)
+            runner, port = await start_app(self.status, self.exposition, self.cfg.admin.address,
+                                           self.cfg.admin.port)
             log.info("admin listening on http://%s:%d (supervisor of %d workers)",
                      self.cfg.admin.address, port, len(self.children))
         loop.add_signal_handler(signal.SIGTERM, self._request_stop)
@@ -111,7 +111,7 @@ class Supervisor:
                 c.proc.kill()
                 await loop.run_in_executor(None, c.proc.join, 5)
         if runner is not None:
-            await runner.cleanup()
+            await runner.close()
         bad = [c.index for c in self.children if c.proc is not None and c.proc.exitcode not in (0, None)]
         if bad:
             log.error("workers %s exited with errors", bad)

@@ -209,3 +209,19 @@ def test_version_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 0 and r.stdout.startswith("portcullis ")
+
+
+async def test_a_single_worker_sidecar_runs_without_aiohttp(pki, upstream, ports):
+    """The usual sidecar (one worker, admin listener on, no remote JWKS or control plane) never
+    loads aiohttp: ~12 MiB of resident memory per sidecar (bench/bench_memory.py)."""
+    port, admin = ports
+    proc = Proc(write_config(pki, upstream_url=upstream.url, port=port, admin_port=admin))
+    try:
+        await ready(admin)
+        r = await curl(f"https://127.0.0.1:{port}/api/x", pki.client("frontend"), cacert=pki.bundle)
+        assert r.status == 200
+        maps = Path(f"/proc/{proc.p.pid}/maps").read_text()
+        assert "/uvloop/" in maps and "/httptools/" in maps  # what it does load, for contrast
+        assert "/aiohttp/" not in maps and "/yarl/" not in maps and "/multidict/" not in maps
+    finally:
+        proc.kill()
