@@ -598,18 +598,31 @@ def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None,
                   note=f"--workers {workers}")
 
 
-def start_pyfloor(h: Harness, pki: Pki, upstream_port: int, cpus: str | None) -> Target:
-    """bench/pyfloor.py: the bare uvloop+httptools mTLS forwarder without any check (the floor)."""
+def start_pyfloor(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, *,
+                  checks: bool = False) -> Target:
+    """bench/pyfloor.py: the bare uvloop+httptools mTLS forwarder without any check (the floor);
+    `checks`: the same framing plus Portcullis's own per-request work (`pyfloor-checks`, see
+    pyfloor.py), with the configuration, policy and audit file the portcullis target gets."""
+    name = "pyfloor-checks" if checks else "pyfloor"
     port = free_port()
-    err = h.dir / "pyfloor.stderr"
-    proc = h.start("pyfloor", [sys.executable, str(BENCH / "pyfloor.py"), "--port", str(port),
-                               "--upstream-port", str(upstream_port), "--cert", pki.server_cert,
-                               "--key", pki.server_key, "--ca", pki.ca_bundle],
-                   cpus=cpus, stderr=open(err, "ab"))
+    err = h.dir / f"{name}.stderr"
+    cmd = [sys.executable, str(BENCH / "pyfloor.py"), "--port", str(port),
+           "--upstream-port", str(upstream_port), "--cert", pki.server_cert,
+           "--key", pki.server_key, "--ca", pki.ca_bundle]
+    audit = None
+    if checks:
+        d = h.dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = portcullis_config(pki, upstream_port, free_port(), free_port(), d / "sidecar.yaml")
+        cmd += ["--checks", str(cfg)]
+        audit = d / "audit.jsonl"
+    proc = h.start(name, cmd, cpus=cpus, stderr=open(err, "ab"),
+                   stdout=open(audit, "ab") if audit else subprocess.DEVNULL, cwd=REPO)
     tls = client_ssl_context(pki)
-    wait_until(lambda: probe(port, tls) == 200, 15, "pyfloor", proc, err)
-    return Target("pyfloor", "pyfloor", port, True, proc, cpus, stderr_file=err,
-                  note="bare Python forwarder, no checks")
+    wait_until(lambda: probe(port, tls) == 200, 15, name, proc, err)
+    return Target(name, name, port, True, proc, cpus, audit, stderr_file=err,
+                  note="bare Python forwarder + Portcullis's per-request checks" if checks
+                  else "bare Python forwarder, no checks")
 
 
 def scrape_metrics(t: Target) -> str:
@@ -742,7 +755,8 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
 # ------------------------------------------------------------------------------------------------
 # target sets
 
-BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "portcullis", "portcullis-dpop")
+BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "pyfloor-checks", "portcullis",
+                "portcullis-dpop")
 TWO_CORE_TARGETS = ("nginx-w2", "haproxy-t2", "portcullis-w2")
 ALL_TARGETS = BASE_TARGETS + TWO_CORE_TARGETS
 
@@ -779,6 +793,8 @@ def start_targets(h: Harness, pki: Pki, names: list[str], *, access_log: bool = 
             t = start_haproxy(h, pki, up.port, all_cpu, 2, access_log, name=n)
         elif n == "pyfloor":
             t = start_pyfloor(h, pki, up.port, proxy_cpu)
+        elif n == "pyfloor-checks":
+            t = start_pyfloor(h, pki, up.port, proxy_cpu, checks=True)
         elif n == "portcullis":
             t = start_portcullis(h, pki, up.port, proxy_cpu, 1)
         elif n == "portcullis-dpop":
