@@ -62,7 +62,7 @@ def _strict_json(text: str) -> Any:
     try:
         i = _skip(text, 0)
         if text[i:i + 1] != "{":
-            return json.loads(text, parse_constant=_no_constant)
+            return _JSON.decode(text)
         decode = _JSON.raw_decode
         obj: dict[str, Any] = {}
         i, done = _opened(text, i, "}")

@@ -52,16 +52,13 @@ _JSON = "application/json"
 _GET_HEAD = (("allow", "GET, HEAD"),)
 
 
-class _Refused(Exception):
-    """Raised from a parser callback: answer `err` (rendered by `runtime.responses`), then close."""
-
-    def __init__(self, err: ProxyError) -> None:
-        super().__init__(err.code)
-        self.err = err
-
-
 class _Stop(Exception):
-    """Raised from a parser callback to stop reading (after a request that ends the connection)."""
+    """Raised from a parser callback to stop reading: after a request that ends the connection
+    (`err` None), or to answer `err` (rendered by `runtime.responses`) and close."""
+
+    def __init__(self, err: ProxyError | None = None) -> None:
+        super().__init__(err.code if err is not None else "stop")
+        self.err = err
 
 
 class AdminServer:
@@ -147,9 +144,10 @@ class _AdminConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             ctx = exc.__context__
             if isinstance(ctx, _Stop):
-                self._kick()
-            elif isinstance(ctx, _Refused):
-                self._refuse(ctx.err)
+                if ctx.err is None:
+                    self._kick()
+                else:
+                    self._refuse(ctx.err)
             else:
                 log.error("admin parser callback failed", exc_info=ctx or exc)
                 self._refuse(InternalError("internal_error"))
@@ -171,25 +169,25 @@ class _AdminConnection(asyncio.Protocol):
         self._count(len(name) + len(value) + 4)
 
     def on_body(self, body: bytes) -> None:
-        raise _Refused(BadRequest("body_not_accepted"))
+        raise _Stop(BadRequest("body_not_accepted"))
 
     def on_message_complete(self) -> None:
         if self.parser.should_upgrade():
-            raise _Refused(BadRequest("upgrade_not_supported"))
+            raise _Stop(BadRequest("upgrade_not_supported"))
         if len(self.requests) >= MAX_PIPELINED:
-            raise _Refused(BadRequest("too_many_pipelined_requests"))
+            raise _Stop(BadRequest("too_many_pipelined_requests"))
         method = self.parser.get_method().decode("ascii", "replace")
         keep = self.parser.should_keep_alive()
         self.requests.append((method, self.url, keep))
         if not keep:
             self.broken = True  # HTTP/1.0 or Connection: close: the last request read
-            raise _Stop  # nothing after it is parsed
+            raise _Stop()  # nothing after it is parsed
         self._kick()
 
     def _count(self, n: int) -> None:
         self.head_bytes += n
         if self.head_bytes > MAX_HEAD_BYTES:
-            raise _Refused(HeadersTooLarge("headers_too_large"))
+            raise _Stop(HeadersTooLarge("headers_too_large"))
 
     # -- answers -------------------------------------------------------------------------------
     def _refuse(self, err: ProxyError) -> None:

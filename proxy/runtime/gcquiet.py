@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger("portcullis.gcquiet")
 
@@ -44,49 +44,58 @@ SWITCH_INTERVAL_S = 0.001  # while a load or a release runs beside the event loo
 RELEASE_SLICE = 500  # objects let go of per step
 RELEASE_WAIT_S = 10.0  # how long a release waits for the caller to let go of the root
 
-_lock = threading.Lock()
-_gc_depth = 0
-_was_enabled = False
-_switch_depth = 0
-_switch_interval = 0.005
+class _WhileAny:
+    """A process-wide setting held while any thread is inside: `enter()` runs when the first
+    thread enters and returns what `leave(saved)` restores when the last one leaves."""
+
+    def __init__(self, enter: Callable[[], Any], leave: Callable[[Any], None]) -> None:
+        self._enter, self._leave = enter, leave
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved: Any = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = self._enter()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._leave(self._saved)
 
 
-@contextmanager
-def _short_switch_interval() -> Iterator[None]:
-    """The interpreter's switch interval at most SWITCH_INTERVAL_S while any thread is inside."""
-    global _switch_depth, _switch_interval
-    with _lock:
-        if _switch_depth == 0:
-            _switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switch_interval, SWITCH_INTERVAL_S))
-        _switch_depth += 1
-    try:
-        yield
-    finally:
-        with _lock:
-            _switch_depth -= 1
-            if _switch_depth == 0:
-                sys.setswitchinterval(_switch_interval)
+def _shorten_switch_interval() -> float:
+    was = sys.getswitchinterval()
+    sys.setswitchinterval(min(was, SWITCH_INTERVAL_S))
+    return was
+
+
+def _pause_gc() -> bool:
+    was = gc.isenabled()
+    gc.disable()
+    return was
+
+
+def _resume_gc(was_enabled: bool) -> None:
+    if was_enabled:
+        gc.freeze()  # every generation -> the permanent one, unscanned
+        gc.unfreeze()  # ... -> the oldest generation
+        gc.enable()
+
+
+_short_switch_interval = _WhileAny(_shorten_switch_interval, sys.setswitchinterval)
+_gc_off = _WhileAny(_pause_gc, _resume_gc)
 
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    global _gc_depth, _was_enabled
-    with _lock:
-        if _gc_depth == 0:
-            _was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_depth += 1
-    try:
-        with _short_switch_interval():
-            yield
-    finally:
-        with _lock:
-            _gc_depth -= 1
-            if _gc_depth == 0 and _was_enabled:
-                gc.freeze()  # every generation -> the permanent one, unscanned
-                gc.unfreeze()  # ... -> the oldest generation
-                gc.enable()
+    with _gc_off(), _short_switch_interval():
+        yield
 
 
 def _child_refs(obj: Any) -> list[tuple[Any, int]]:
