@@ -65,6 +65,25 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _FORBIDDEN_OCTETS = frozenset([0x2F, 0x5C, 0x3B, 0x7F, *range(0x20)])
 
 
+INVALID_HOST = "invalid_host"
+# Host = uri-host [":" port] (RFC 9112 3.2, RFC 3986 3.2.2), narrowed to what names a service: a DNS
+# name or IPv4 address (unreserved characters), or an IPv6 literal. No userinfo, path, list, space,
+# percent-encoding or sub-delims: an upstream must never read a different authority from it.
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
+
+
+def check_host(version: str, count: int, value: bytes) -> None:
+    """RFC 9112 section 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host
+    header, to any request with more than one, and to one whose Host is not a valid value.
+    `count` is the number of Host field lines, `value` the (last) one; raises `BadRequest`."""
+    if version == "1.1" and count != 1:
+        raise BadRequest(INVALID_HOST, "HTTP/1.1 request needs exactly one Host header")
+    if count > 1:
+        raise BadRequest(INVALID_HOST, "more than one Host header")
+    if count and _HOST.fullmatch(value.rstrip(b" \t")) is None:  # llhttp keeps trailing OWS
+        raise BadRequest(INVALID_HOST, "Host is not host[:port]")
+
+
 def canonicalize_target(raw: str) -> Target:
     """Canonicalise an origin-form request target, or raise `BadRequest` (`invalid_target` /
     `invalid_path`). See the module docstring for the rule."""

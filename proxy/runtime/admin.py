@@ -17,7 +17,9 @@ aiohttp costs every worker ~12 MiB of resident memory for three fixed endpoints 
 all. What a minimal server must still get right is here: HTTP/1.1 keep-alive (Prometheus reuses
 its connection) and HTTP/1.0 / `Connection: close`; pipelined requests answered in order; a
 request head bounded (`MAX_HEAD_BYTES`, 431), a request body refused (400: no endpoint takes
-one), a malformed request answered 400, each of them closing the connection; idle connections
+one), a malformed request answered 400, an HTTP/1.1 request without exactly one valid Host
+answered 400 (RFC 9112 section 3.2, the same rule as the data plane: `core.paths.check_host`),
+each of them closing the connection; idle connections
 closed after `IDLE_TIMEOUT_S`, and at most `MAX_CONNECTIONS` at once (more are closed at accept).
 A status or exposition function that raises is a 500 (logged), never a dead listener.
 """
@@ -34,6 +36,7 @@ from typing import Any, Awaitable, Callable
 import httptools
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.core.paths import check_host
 from proxy.errors import BadRequest, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, \
     ProxyError
 from proxy.runtime.metrics import Metrics, make_registry
@@ -114,6 +117,8 @@ class _AdminConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.head_bytes = 0
+        self.hosts = 0  # Host field lines of the request being read, and the last one's value
+        self.host = b""
         self.requests: deque[tuple[str, bytes, bool] | ProxyError] = deque()
         self.serving: asyncio.Task | None = None
         self.broken = False  # nothing more is read (closing after the answers owed)
@@ -160,6 +165,8 @@ class _AdminConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.head_bytes = 0
+        self.hosts = 0
+        self.host = b""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -167,6 +174,9 @@ class _AdminConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        if name.lower() == b"host":
+            self.hosts += 1
+            self.host = value
 
     def on_body(self, body: bytes) -> None:
         raise _Stop(BadRequest("body_not_accepted"))
@@ -176,6 +186,10 @@ class _AdminConnection(asyncio.Protocol):
             raise _Stop(BadRequest("upgrade_not_supported"))
         if len(self.requests) >= MAX_PIPELINED:
             raise _Stop(BadRequest("too_many_pipelined_requests"))
+        try:
+            check_host(self.parser.get_http_version(), self.hosts, self.host)
+        except BadRequest as err:
+            raise _Stop(err) from None
         method = self.parser.get_method().decode("ascii", "replace")
         keep = self.parser.should_keep_alive()
         self.requests.append((method, self.url, keep))

@@ -48,6 +48,7 @@ import httptools
 
 from proxy.core.pipeline import RequestFacts, State, authorize, body_limit, deny_error
 from proxy.core.audit import params_digest
+from proxy.core.paths import check_host
 from proxy.core.spiffe import PeerCertificates
 from proxy.errors import (
     BadRequest,
@@ -83,10 +84,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("portcullis.listener")
 
 _REQUEST_ID_RE = re.compile(rb"[\x21-\x7e]{1,200}")
-# Host = uri-host [":" port] (RFC 9112 3.2, RFC 3986 3.2.2), narrowed to what names a service: a DNS
-# name or IPv4 address (unreserved characters), or an IPv6 literal. No userinfo, path, list, space,
-# percent-encoding or sub-delims: an upstream must never read a different authority from it.
-_HOST_RE = re.compile(rb"(?:[A-Za-z0-9._~-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?")
 _FRAMING_PER_BODY_BYTE = 8  # chunk-size lines and extensions allowed per body byte (beyond a base)
 _PENDING_BODY_LIMIT = 1 << 20  # bytes buffered for a request that waits its turn
 _LINGER_BYTES = 1 << 20  # body bytes read and discarded after an early final response
@@ -798,12 +795,7 @@ class ClientConnection(asyncio.Protocol):
             if limit and ex.content_length > limit:
                 raise PayloadTooLarge("payload_too_large",
                                       f"Content-Length {ex.content_length} exceeds max_body_bytes ({limit})")
-        if ex.version == "1.1" and hosts != 1:
-            raise BadRequest("invalid_host", "HTTP/1.1 request needs exactly one Host header")
-        if hosts > 1:
-            raise BadRequest("invalid_host", "more than one Host header")
-        if hosts and _HOST_RE.fullmatch(host.rstrip(b" \t")) is None:  # llhttp keeps trailing OWS
-            raise BadRequest("invalid_host", "Host is not host[:port]")
+        check_host(ex.version, hosts, host)
 
     def _check_framing(self, ex: Exchange) -> None:
         """Bound the bytes of a request that are not body (counted by data_received): a head that

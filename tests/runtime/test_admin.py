@@ -129,7 +129,7 @@ async def test_http_1_0_closes_after_one_answer(server) -> None:
 
 async def test_a_slow_status_does_not_block_other_connections(server) -> None:
     server.st.gate = asyncio.Event()
-    slow = asyncio.create_task(raw(server.port, b"GET /readyz HTTP/1.1\r\nConnection: close\r\n\r\n"))
+    slow = asyncio.create_task(raw(server.port, b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     await asyncio.sleep(0.1)
     r = await curl(f"http://127.0.0.1:{server.port}/healthz", None)
     assert r.status == 200 and not slow.done()
@@ -148,13 +148,13 @@ async def test_a_failing_status_source_is_a_500_and_the_listener_lives_on(server
 
 @pytest.mark.parametrize("request_bytes, status, code", [
     (b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc", 400, "body_not_accepted"),
-    (b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400,
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400,
      "body_not_accepted"),
     (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431, "headers_too_large"),
     (b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n", 400, "malformed_request"),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400, "malformed_request"),  # TLS to plain HTTP
-    (b"GET /healthz HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 400,
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 400,
      "upgrade_not_supported"),
 ])
 async def test_bad_requests_are_answered_and_the_connection_closed(server, request_bytes, status,
@@ -165,14 +165,35 @@ async def test_bad_requests_are_answered_and_the_connection_closed(server, reque
     assert b"\r\nconnection: close\r\n" in out
 
 
+@pytest.mark.parametrize("request_bytes, answered", [
+    (b"GET /healthz HTTP/1.1\r\n\r\n", False),  # HTTP/1.1 without Host
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", False),
+    (b"GET /healthz HTTP/1.1\r\nHost: a b\r\n\r\n", False),
+    (b"GET /healthz HTTP/1.1\r\nHost: user@a\r\n\r\n", False),
+    (b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", False),
+    (b"GET /healthz HTTP/1.0\r\n\r\n", True),  # HTTP/1.0 may omit it
+    (b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1:9901 \r\n\r\n", True),
+    (b"GET /healthz HTTP/1.1\r\nHost: [::1]:9901\r\n\r\n", True),
+])
+async def test_host_rules_of_rfc9112_section_3_2(server, request_bytes, answered) -> None:
+    """A server MUST answer 400 to an HTTP/1.1 request without a Host, to any request with more
+    than one, and to one with an invalid Host (the data plane's rule, `core.paths.check_host`)."""
+    out = await raw(server.port, request_bytes
+                    + b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    if answered:
+        assert heads(out)[0] == b"HTTP/1.1 200 OK"
+    else:
+        assert heads(out) == [b"HTTP/1.1 400 Bad Request"] and out.endswith(b'{"error":"invalid_host"}')
+
+
 async def test_an_answer_owed_before_a_bad_request_still_comes_first(server) -> None:
-    out = await raw(server.port, b"GET /healthz HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\nBad\r\n\r\n")
+    out = await raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /x HTTP/1.1\r\nBad\r\n\r\n")
     assert heads(out) == [b"HTTP/1.1 200 OK", b"HTTP/1.1 400 Bad Request"]
 
 
 async def test_too_many_pipelined_requests_are_refused(server) -> None:
     server.st.gate = asyncio.Event()  # the first answer waits: the rest pile up
-    burst = b"GET /readyz HTTP/1.1\r\n\r\n" * (admin.MAX_PIPELINED + 2)
+    burst = b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n" * (admin.MAX_PIPELINED + 2)
     task = asyncio.create_task(raw(server.port, burst))
     await asyncio.sleep(0.1)
     server.st.gate.set()
@@ -188,7 +209,7 @@ async def test_idle_connections_are_closed(server, monkeypatch) -> None:
     try:
         assert await asyncio.wait_for(reader.read(), 3) == b""  # closed, nothing sent
         reader2, writer2 = await asyncio.open_connection("127.0.0.1", server.port)
-        writer2.write(b"GET /healthz HTTP/1.1\r\n\r\nGET /hea")  # then stalls mid-request
+        writer2.write(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /hea")  # then stalls mid-request
         out = await asyncio.wait_for(reader2.read(), 3)
         assert heads(out) == [b"HTTP/1.1 200 OK"]
         writer2.close()
