@@ -184,12 +184,6 @@ def ath(token: str) -> str:
     """RFC 9449 section 4.2: base64url(SHA-256(ASCII(access token))). Non-ASCII -> InvalidValue."""
     if not isinstance(token, str) or not token.isascii():
         raise InvalidValue("an access token is ASCII")
-    return _ath(token)
-
-
-@lru_cache(maxsize=1024)
-def _ath(token: str) -> str:
-    """`ath` of an ASCII token, memoised: a client presents one token with many proofs."""
     return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
 
 
@@ -333,10 +327,13 @@ def verify_dpop_proof(headers: list[str], *, method: str, htu: str, access_token
                       config: DPoPConfig, replay: ReplayStore, now: float,
                       nonce_check: Callable[[str], bool] | None = None,
                       current_nonce: Callable[[], str] | None = None,
-                      expected_jkt: str | None = None) -> DPoPProof:
+                      expected_jkt: str | None = None,
+                      token_sha256: bytes | None = None) -> DPoPProof:
     """Run the RFC 9449 section 4.3 checks (module docstring) on the values of every `DPoP` header
     field of one request. `htu` is `request_uri(...)`; `access_token` is the presented token, if
-    any; `expected_jkt` optionally the token's `cnf.jkt`. Returns the verified proof or raises
+    any; `expected_jkt` optionally the token's `cnf.jkt`; `token_sha256` the SHA-256 of the
+    ASCII `access_token` when the caller already computed it (a verified token's fingerprint), so
+    that `ath` is not hashed a second time. Returns the verified proof or raises
     `DPoPError` / `DPoPNonceRequired` (401), `DPoPReplayStoreFull` (503)."""
     algs = config.algs
 
@@ -432,7 +429,8 @@ def verify_dpop_proof(headers: list[str], *, method: str, htu: str, access_token
     jkt = key.thumbprint
     if access_token is not None:
         try:
-            expected_ath = ath(access_token)
+            expected_ath = ath(access_token) if token_sha256 is None \
+                else b64url_encode(token_sha256)
         except InvalidValue:
             expected_ath = None
         if claims["ath"] != expected_ath:

@@ -255,7 +255,8 @@ def _authenticate(facts: RequestFacts, state: State, requirement, peer: PeerIden
             config=tokens.dpop, replay=tokens.replay, now=now,
             nonce_check=(lambda n: nonces.valid(n, now)) if nonces is not None else None,
             current_nonce=(lambda: nonces.current(now)) if nonces is not None else None,
-            expected_jkt=claims.cnf_jkt)
+            expected_jkt=claims.cnf_jkt,
+            token_sha256=bytes.fromhex(claims.fingerprint))  # SHA-256 of the ASCII token
     try:
         binding = check_binding(claims, "DPoP" if lscheme == "dpop" else "Bearer", proof,
                                 peer.cert_sha256, requirement.binding, algs or "")

@@ -540,6 +540,17 @@ def test_12_ath_must_hash_the_presented_token() -> None:
     refused("dpop_ath_mismatch", [make_proof(EC, access_token=TOKEN, claims={"ath": 1})])
 
 
+def test_12_ath_from_the_callers_token_digest() -> None:
+    """The pipeline passes the verified token's SHA-256 (its fingerprint) instead of having the
+    token hashed again: the same ath, and a digest of another token is refused."""
+    import hashlib
+
+    p = make_proof(EC, access_token=TOKEN)
+    run([p], access_token=TOKEN, token_sha256=hashlib.sha256(TOKEN.encode()).digest())
+    refused("dpop_ath_mismatch", [make_proof(EC, access_token=TOKEN)], access_token=TOKEN,
+            token_sha256=hashlib.sha256((TOKEN + "x").encode()).digest())
+
+
 def test_12_ath_without_a_token_is_ignored() -> None:
     """RFC 9449 4.2 requires ath only with an access token; 4.3 item 12 checks it only then."""
     run([make_proof(EC, access_token="some-other-token")], access_token=None)
