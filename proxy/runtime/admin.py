@@ -40,7 +40,7 @@ from proxy.core.paths import check_host
 from proxy.errors import BadRequest, HeadersTooLarge, InternalError, MethodNotAllowed, NotFound, \
     ProxyError
 from proxy.runtime.metrics import Metrics, make_registry
-from proxy.runtime.responses import reason_phrase, render_error
+from proxy.runtime.responses import render, render_error
 
 log = logging.getLogger("portcullis.admin")
 
@@ -231,7 +231,7 @@ class _AdminConnection(asyncio.Protocol):
                     self.transport.write(render_error(answer, decision_id=None, close=not keep,
                                                       head_only=head))
                 else:
-                    self.transport.write(_answer(*answer, head=head, close=not keep))
+                    self.transport.write(render(*answer, close=not keep, head_only=head))
                 if not keep:
                     self.close()
                     return
@@ -248,16 +248,6 @@ class _AdminConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-
-
-def _answer(status: int, ctype: str, body: bytes, *, head: bool, close: bool) -> bytes:
-    """A 200 (or /readyz's 503) answer; refusals are rendered by `runtime.responses`."""
-    lines = [f"HTTP/1.1 {status} {reason_phrase(status)}", f"content-type: {ctype}",
-             f"content-length: {len(body)}", "cache-control: no-store"]
-    if close:
-        lines.append("connection: close")
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return data if head else data + body
 
 
 async def start_app(status: StatusFn, exposition: ExpositionFn, address: str,

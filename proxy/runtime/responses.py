@@ -30,17 +30,21 @@ def render_error(err: ProxyError, *, decision_id: str | None, close: bool,
     """`decision_id` None: an answer that is no decision (the admin listener's)."""
     body = orjson.dumps({"error": err.code} if decision_id is None
                         else {"error": err.code, "decision_id": decision_id})
-    lines = [
-        f"HTTP/1.1 {err.status} {reason_phrase(err.status)}",
-        "content-type: application/json",
-        f"content-length: {len(body)}",
-        "cache-control: no-store",
-    ]
+    extra = list(err.extra_headers)
     challenge = err.challenge()
     if challenge is not None:
-        lines.append(f"www-authenticate: {challenge}")
-    for name, value in err.extra_headers:
-        lines.append(f"{name}: {value}")
+        extra.insert(0, ("www-authenticate", challenge))
+    return render(err.status, "application/json", body, close=close, head_only=head_only,
+                  extra=extra)
+
+
+def render(status: int, content_type: str, body: bytes, *, close: bool, head_only: bool = False,
+           extra: "list[tuple[str, str]] | tuple[tuple[str, str], ...]" = ()) -> bytes:
+    """A whole response the sidecar writes itself (an error above, or the admin listener's
+    answers): never cached, `connection: close` when the connection closes after it."""
+    lines = [f"HTTP/1.1 {status} {reason_phrase(status)}", f"content-type: {content_type}",
+             f"content-length: {len(body)}", "cache-control: no-store"]
+    lines += [f"{name}: {value}" for name, value in extra]
     if close:
         lines.append("connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
