@@ -153,6 +153,11 @@ async def test_a_failing_status_source_is_a_500_and_the_listener_lives_on(server
     (b"GET /healthz HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 431, "headers_too_large"),
     (b"GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n", 400, "malformed_request"),
+    # RFC 9112 6.1: Content-Length with Transfer-Encoding: refused, and the connection MUST close
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3\r\nabc\r\n0\r\n\r\n", 400, "malformed_request"),
+    (b"GET /healthz HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400,
+     "malformed_request"),
     (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", 400, "malformed_request"),  # TLS to plain HTTP
     (b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 400,
      "upgrade_not_supported"),
