@@ -1,14 +1,21 @@
 """Memory with many open client connections (issue 3, goal 5: at most 80 MB RSS per worker with
 1,000 open client connections), with nginx and HAProxy measured in the same run as baselines.
 
-    .venv/bin/python bench/bench_memory.py [--connections 1000] [--targets portcullis,nginx,haproxy]
+    .venv/bin/python bench/bench_memory.py [--connections 1000]
+                                           [--targets portcullis,pyfloor,pyfloor-checks,nginx,haproxy]
 
 For each target (one worker / one thread, the same PKI, upstream and configs as `run.py`): RSS of
 the proxy's process tree after a warm-up request (idle), then after `--connections` mTLS
 keep-alive connections are each opened, have sent one request and read its response, and are
 held open (open), and again after every connection sent a second request (reused). Prints MiB,
 KiB per connection and the ratios to the baselines. A script, no asserts: the goal line says
-whether 80 MB per worker held in this run. The clients run in this process (uvloop, 1,000 TLS
+whether 80 MB per worker held in this run.
+
+The floors, measured in the same run: `pyfloor` (bench/pyfloor.py: the bare uvloop + httptools
+mTLS forwarder, no checks, imports nothing of Portcullis) is what any Python data plane on this
+stack holds before doing any check; `pyfloor-checks` is the same forwarder with Portcullis's
+per-request work loaded (its modules, the configuration, policy, audit chain and metrics). If a
+floor is over the goal, no data plane built on that stack can meet it. The clients run in this process (uvloop, 1,000 TLS
 handshakes take a few seconds); nothing listens beyond 127.0.0.1.
 """
 
@@ -78,7 +85,7 @@ async def hold(t: common.Target, pki: common.Pki, n: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=1000)
-    ap.add_argument("--targets", default="portcullis,nginx,haproxy")
+    ap.add_argument("--targets", default="portcullis,pyfloor,pyfloor-checks,nginx,haproxy")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.connections + 256
@@ -94,6 +101,8 @@ def main() -> int:
         for name in names:
             if name == "portcullis":
                 t = common.start_portcullis(h, pki, up.port, proxy_cpu)
+            elif name in ("pyfloor", "pyfloor-checks"):
+                t = common.start_pyfloor(h, pki, up.port, proxy_cpu, checks=name == "pyfloor-checks")
             elif name == "nginx":
                 t = common.start_nginx(h, pki, up.port, proxy_cpu)
             elif name == "haproxy":
@@ -106,7 +115,7 @@ def main() -> int:
                 h.stop(t.proc)
     print(f"\nRSS of each proxy's process tree (one worker / thread), {args.connections} open mTLS "
           f"keep-alive connections, each having made one request (open) and a second (reused):")
-    print(f"{'target':12} {'idle MiB':>9} {'open MiB':>9} {'reused MiB':>11} {'KiB/conn':>9} "
+    print(f"{'target':15} {'idle MiB':>9} {'open MiB':>9} {'reused MiB':>11} {'KiB/conn':>9} "
           f"{'vs nginx':>9} {'vs haproxy':>11}")
     for name, r in results.items():
         peak = max(r["open_mib"], r["reused_mib"])
@@ -114,13 +123,19 @@ def main() -> int:
         def ratio(base: str) -> str:
             b = results.get(base)
             return f"{peak / max(b['open_mib'], b['reused_mib']):.2f}x" if b and base != name else "-"
-        print(f"{name:12} {r['idle_mib']:9.1f} {r['open_mib']:9.1f} {r['reused_mib']:11.1f} "
+        print(f"{name:15} {r['idle_mib']:9.1f} {r['open_mib']:9.1f} {r['reused_mib']:11.1f} "
               f"{r['kib_per_conn']:9.1f} {ratio('nginx'):>9} {ratio('haproxy'):>11}")
     if "portcullis" in results:
         peak = max(results["portcullis"]["open_mib"], results["portcullis"]["reused_mib"])
         verdict = "met" if peak <= GOAL_MIB else "NOT met"
         print(f"\ngoal 5 (<= 80 MB = {GOAL_MIB:.1f} MiB per worker with {args.connections} "
               f"connections): {verdict} ({peak:.1f} MiB)")
+    for floor in ("pyfloor", "pyfloor-checks"):
+        if floor in results:
+            r = results[floor]
+            fpeak = max(r["open_mib"], r["reused_mib"])
+            print(f"  floor {floor}: {fpeak:.1f} MiB ({'under' if fpeak <= GOAL_MIB else 'over'} "
+                  f"the goal before any Portcullis data-plane code)")
     return 0
 
 

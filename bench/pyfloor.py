@@ -46,6 +46,12 @@ class Up(asyncio.Protocol):
     def connection_made(self, t):
         self.t = t
 
+    def connection_lost(self, exc):
+        # closed by the upstream while pooled (e.g. after a `Connection: close` request): never
+        # hand it out again
+        if self in self.pool:
+            self.pool.remove(self)
+
     def data_received(self, d):
         self.buf.append(d)
         self.p.feed_data(d)

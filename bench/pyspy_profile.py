@@ -1,6 +1,6 @@
 """Profile the Portcullis data plane under wrk load with py-spy (sampling, no instrumentation).
 
-    .venv/bin/python bench/pyspy_profile.py [--duration 10] [--top 40]
+    .venv/bin/python bench/pyspy_profile.py [--duration 10] [--top 40] [--dpop] [--native]
 
 Starts the bench upstream and one Portcullis worker (pinned to CPU 0, wrk on CPU 1), drives it
 with wrk (64 keep-alive mTLS connections) and samples the worker with `py-spy record --native
@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--dpop", action="store_true",
+                    help="the full pipeline (run.py's portcullis-dpop: a fresh ES256 proof per request)")
     ap.add_argument("--native", action="store_true",
                     help="sample native frames too, every thread, GIL or not (default: Python "
                          "frames of whoever holds the GIL)")
@@ -42,7 +44,8 @@ def main() -> int:
         shim = common.build_shim(h.dir)
         pki = common.make_pki(h.dir / "pki")
         up = common.start_upstream(h, load_cpu)
-        pc = common.start_portcullis(h, pki, up.port, proxy_cpu)
+        pc = common.start_portcullis(h, pki, up.port, proxy_cpu, name="portcullis-dpop" if args.dpop
+                                     else "portcullis", dpop=args.dpop)
         common.run_wrk(h, pc, shim=shim, pki=pki, duration_s=2, connections=args.connections,
                        threads=1, cpus=load_cpu)  # warm-up
         raw = h.dir / "profile.raw"
