@@ -24,7 +24,11 @@ several replicas or worker processes must see each other's records):
   buckets that have fully expired (each record is freed once, and each call adds at most one, so
   the purge keeps up: O(1) amortised per call). Only when the store is full does one call purge
   every expired record (all fully expired buckets, then the expired records of the bucket that
-  holds `now`: O(records per bucket)) before deciding whether to refuse.
+  holds `now`: O(records per bucket)) before deciding whether to refuse. That pass also leaves a
+  lower bound on every live record's expiry (the earliest expiry it kept, or the end of that
+  bucket, whichever is first; an insert lowers it): until `now` reaches it no record can have
+  expired, so a store that stays full refuses at O(1) per call, not one scan per refused value
+  (overload must not make each refusal cost a bucket scan).
 - A key that expired and is recorded again simply gets a new expiry (and a new bucket slot); the
   stale slot in its old bucket is recognised on purge (its current expiry is still in the future)
   and dropped without touching the live record.
@@ -66,7 +70,8 @@ class ReplayStore(Protocol):
 class MemoryReplayStore:
     """Bounded in-memory `ReplayStore` (see the module docstring for the structure and its bound)."""
 
-    __slots__ = ("max_entries", "bucket_s", "purge_budget", "_expiry", "_buckets", "_order")
+    __slots__ = ("max_entries", "bucket_s", "purge_budget", "_expiry", "_buckets", "_order",
+                 "_live_until")
 
     def __init__(self, max_entries: int = 100_000, *, bucket_s: int = 1, purge_budget: int = 8) -> None:
         if not isinstance(max_entries, int) or max_entries < 1:
@@ -81,6 +86,7 @@ class MemoryReplayStore:
         self._expiry: dict[bytes, float] = {}
         self._buckets: dict[int, list[bytes]] = {}
         self._order: list[int] = []  # min-heap of the bucket numbers present in _buckets
+        self._live_until = -math.inf  # no record expires before this (module docstring)
 
     def __len__(self) -> int:
         """Records held, including expired ones not purged yet."""
@@ -99,11 +105,15 @@ class MemoryReplayStore:
         if expires_at <= now:
             return False  # nothing to remember: the value is already outside its window
         if key not in expiry and len(expiry) >= self.max_entries:
+            if now < self._live_until:  # full, and nothing can have expired since it last looked
+                raise ReplayStoreFull(detail=f"{len(expiry)} live records (max_entries)")
             self._purge(now, None)
-            self._purge_current(now)
+            self._live_until = self._purge_current(now)
             if len(expiry) >= self.max_entries:
                 raise ReplayStoreFull(detail=f"{len(expiry)} live records (max_entries)")
         expiry[key] = expires_at
+        if expires_at < self._live_until:
+            self._live_until = expires_at
         bucket = math.floor(expires_at) // self.bucket_s + 1
         slot = self._buckets.get(bucket)
         if slot is None:
@@ -117,7 +127,7 @@ class MemoryReplayStore:
         """Free every expired record now (the store also does this by itself). Returns how many."""
         before = len(self._expiry)
         self._purge(now, None)
-        self._purge_current(now)
+        self._live_until = self._purge_current(now)
         return before - len(self._expiry)
 
     def _purge(self, now: float, budget: int | None) -> None:
@@ -135,13 +145,19 @@ class MemoryReplayStore:
                     del expiry[key]
             del buckets[heapq.heappop(order)]
 
-    def _purge_current(self, now: float) -> None:
+    def _purge_current(self, now: float) -> float:
         """Free the expired records of the oldest remaining bucket, the one that holds `now` once
-        `_purge` has run (its end is still ahead, so some of its records may be live)."""
-        if not self._order or (self._order[0] - 1) * self.bucket_s > now:
-            return  # no bucket holds `now`: every remaining record is live
+        `_purge` has run (its end is still ahead, so some of its records may be live). Returns a
+        lower bound on the expiry of every record left: a record in a later bucket expires at or
+        after this bucket's end, one kept here at or after the earliest expiry kept."""
+        if not self._order:
+            return math.inf  # no record at all
+        start = (self._order[0] - 1) * self.bucket_s
+        if start > now:
+            return start  # no bucket holds `now`: every remaining record is live until then
         bucket = self._order[0]
         expiry, keep = self._expiry, []
+        low = start + self.bucket_s  # the end of this bucket
         for key in self._buckets[bucket]:
             exp = expiry.get(key)
             if exp is None:
@@ -150,7 +166,10 @@ class MemoryReplayStore:
                 del expiry[key]
             else:
                 keep.append(key)
+                if exp < low:
+                    low = exp
         if keep:
             self._buckets[bucket] = keep
         else:
             del self._buckets[heapq.heappop(self._order)]
+        return low

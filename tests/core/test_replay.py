@@ -145,3 +145,51 @@ def test_answers_like_an_unbounded_model_until_full(seq, bucket_s) -> None:
         model = live
         if exp > now:
             model[kb] = exp
+
+
+class _CountingStore(MemoryReplayStore):
+    __slots__ = ("scans",)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.scans = 0
+
+    def _purge_current(self, now: float) -> float:
+        self.scans += 1
+        return super()._purge_current(now)
+
+
+def test_a_store_that_stays_full_refuses_without_rescanning() -> None:
+    """Overload must not make every refusal cost a scan of the current bucket: after one full
+    pass, nothing can expire before the earliest expiry it kept, so later refusals are O(1)."""
+    store = _CountingStore(max_entries=500)
+    for i in range(500):
+        store.seen(key(i), 60.2 + i / 1000, now=0.0)  # all in the bucket that holds t=60
+    for n in range(200):
+        with pytest.raises(ReplayStoreFull):
+            store.seen(key(("new", n)), 200.0, now=60.0 + n / 10_000)  # before 60.2: none expired
+    assert store.scans == 1
+    # time reaches the earliest expiry: the store looks again, frees what expired, records
+    assert store.seen(key("later"), 200.0, now=60.25) is False
+    assert store.scans == 2
+    assert store.seen(key(0), 200.0, now=60.25) is False  # expired at 60.2: a new record
+    assert store.seen(key(499), 200.0, now=60.25) is True  # live until 60.699
+
+
+def test_an_insert_lowers_the_bound_of_a_full_store() -> None:
+    """A record recorded after the full pass may expire before what that pass saw: the refusal
+    shortcut must not outlive it (else a freed slot would stay unused)."""
+    store = MemoryReplayStore(max_entries=2)
+    store.seen(key("a"), 100.0, now=0.0)
+    store.seen(key("b"), 5.0, now=0.0)
+    with pytest.raises(ReplayStoreFull):
+        store.seen(key("c"), 100.0, now=1.0)  # full pass: bound is 5.0 (b)
+    assert store.seen(key("c"), 100.0, now=6.0) is False  # b expired: freed, c recorded
+    with pytest.raises(ReplayStoreFull):
+        store.seen(key("d"), 100.0, now=7.0)  # refused at once: nothing expires before 100.0
+    store.purge(now=150.0)  # both expired and freed
+    store.seen(key("e"), 151.0, now=150.0)  # an insert earlier than any bound seen
+    store.seen(key("f"), 300.0, now=150.0)
+    with pytest.raises(ReplayStoreFull):
+        store.seen(key("g"), 300.0, now=150.5)
+    assert store.seen(key("g"), 300.0, now=151.0) is False  # e expired at 151.0: its slot is free
