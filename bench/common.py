@@ -410,7 +410,7 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: Pro
 @dataclass
 class Target:
     name: str
-    kind: str  # upstream | nginx | haproxy | portcullis
+    kind: str  # upstream | nginx | haproxy | pyfloor* | portcullis | portcullis-dpop
     port: int
     tls: bool
     proc: Proc | None = None
@@ -424,6 +424,12 @@ class Target:
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}/"
+
+    @property
+    def dpop(self) -> bool:
+        """Whether each request carries the access token and a fresh DPoP proof (the full
+        pipeline: portcullis-dpop, and its floor pyfloor-dpop)."""
+        return "credentials" in self.extra
 
     def pids(self) -> list[int]:
         return proc_tree(self.proc.pid) if self.proc else []
@@ -599,26 +605,42 @@ def start_portcullis(h: Harness, pki: Pki, upstream_port: int, cpus: str | None,
 
 
 def start_pyfloor(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, *,
-                  checks: bool = False) -> Target:
+                  checks: bool = False, dpop: bool = False) -> Target:
     """bench/pyfloor.py: the bare uvloop+httptools mTLS forwarder without any check (the floor);
     `checks`: the same framing plus Portcullis's own per-request work (`pyfloor-checks`, see
-    pyfloor.py), with the configuration, policy and audit file the portcullis target gets."""
-    name = "pyfloor-checks" if checks else "pyfloor"
+    pyfloor.py), with the configuration, policy and audit file the portcullis target gets;
+    `dpop` (implies checks): the configuration and credentials of `portcullis-dpop`, a fresh
+    proof per request (`pyfloor-dpop`, the floor of the full pipeline)."""
+    checks = checks or dpop
+    name = "pyfloor-dpop" if dpop else "pyfloor-checks" if checks else "pyfloor"
     port = free_port()
     err = h.dir / f"{name}.stderr"
     cmd = [sys.executable, str(BENCH / "pyfloor.py"), "--port", str(port),
            "--upstream-port", str(upstream_port), "--cert", pki.server_cert,
            "--key", pki.server_key, "--ca", pki.ca_bundle]
     audit = None
+    creds = None
     if checks:
         d = h.dir / name
         d.mkdir(parents=True, exist_ok=True)
-        cfg = portcullis_config(pki, upstream_port, free_port(), free_port(), d / "sidecar.yaml")
+        if dpop:
+            from dpop_load import Credentials
+            creds = Credentials(d)
+        # the listener port in the configuration is pyfloor's own: DPoP's public origin names it
+        cfg = portcullis_config(pki, upstream_port, port, free_port(), d / "sidecar.yaml",
+                                dpop_jwks=creds.jwks_path if creds else None)
         cmd += ["--checks", str(cfg)]
         audit = d / "audit.jsonl"
     proc = h.start(name, cmd, cpus=cpus, stderr=open(err, "ab"),
                    stdout=open(audit, "ab") if audit else subprocess.DEVNULL, cwd=REPO)
     tls = client_ssl_context(pki)
+    if creds is not None:
+        # no probe: without credentials a request is refused (401), which is the point
+        wait_until(lambda: probe(port, tls) == 401, 15, name, proc, err)
+        return Target(name, name, port, True, proc, cpus, audit, stderr_file=err,
+                      note="bare Python forwarder + the full pipeline's checks (fresh ES256 proof"
+                           " per request)",
+                      extra={"credentials": creds, "htu": f"https://{HOST}:{port}/"})
     wait_until(lambda: probe(port, tls) == 200, 15, name, proc, err)
     return Target(name, name, port, True, proc, cpus, audit, stderr_file=err,
                   note="bare Python forwarder + Portcullis's per-request checks" if checks
@@ -689,7 +711,7 @@ def run_wrk(h: Harness, t: Target, *, shim: Path, pki: Pki, duration_s: float, c
                    WRK_CLIENT_KEY=pki.client_key)
     secs = max(1, round(duration_s))  # wrk takes whole seconds only
     script = BENCH / "wrk_report.lua"
-    if t.kind == "portcullis-dpop":
+    if t.dpop:
         # a fresh proof per request, minted before the run (never during it)
         creds = t.extra["credentials"]
         # sized from the fastest run seen so far (the warm-up, slowed by start-up, under-counts):
@@ -714,7 +736,7 @@ def run_wrk(h: Harness, t: Target, *, shim: Path, pki: Pki, duration_s: float, c
         if line.startswith("WRKJSON "):
             r = json.loads(line[8:])
             r["wrk_cpu_s"] = cpu
-            if t.kind == "portcullis-dpop" and r["duration_us"]:
+            if t.dpop and r["duration_us"]:
                 rps = r["requests"] / (r["duration_us"] / 1e6)
                 t.extra["max_rps"] = max(rps, t.extra.get("max_rps", 0.0))
             return r
@@ -729,7 +751,7 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
             "--connections", str(connections)]
     if t.tls:
         argv += ["--tls", "--cert", pki.client_cert, "--key", pki.client_key, "--ca", pki.client_ca]
-    if t.kind == "portcullis-dpop":  # one fresh proof per request, minted before the run
+    if t.dpop:  # one fresh proof per request, minted before the run
         creds = t.extra["credentials"]
         n = int(rate * (duration_s + warmup_s) * 1.2) + 1000
         proofs = creds.proofs(t.extra["htu"], n, h.dir / "openloop-proofs.txt")
@@ -756,7 +778,7 @@ def run_openloop(h: Harness, t: Target, *, pki: Pki, rate: float, duration_s: fl
 # target sets
 
 BASE_TARGETS = ("upstream", "nginx", "haproxy", "pyfloor", "pyfloor-checks", "portcullis",
-                "portcullis-dpop")
+                "pyfloor-dpop", "portcullis-dpop")
 TWO_CORE_TARGETS = ("nginx-w2", "haproxy-t2", "portcullis-w2")
 ALL_TARGETS = BASE_TARGETS + TWO_CORE_TARGETS
 
@@ -795,6 +817,8 @@ def start_targets(h: Harness, pki: Pki, names: list[str], *, access_log: bool = 
             t = start_pyfloor(h, pki, up.port, proxy_cpu)
         elif n == "pyfloor-checks":
             t = start_pyfloor(h, pki, up.port, proxy_cpu, checks=True)
+        elif n == "pyfloor-dpop":
+            t = start_pyfloor(h, pki, up.port, proxy_cpu, dpop=True)
         elif n == "portcullis":
             t = start_portcullis(h, pki, up.port, proxy_cpu, 1)
         elif n == "portcullis-dpop":

@@ -20,6 +20,11 @@ the three per-request metrics. What it still leaves out is the HTTP hygiene and 
 real data plane (framing checks, header filtering, pipelining, flow control, timeouts, retries,
 error paths). So in one run: Portcullis minus pyfloor-checks is what that hygiene and structure
 cost, and pyfloor-checks is the floor for any Python data plane doing these checks (issue 3).
+With a configuration that has token issuers (the `pyfloor-dpop` target, run.py's full-pipeline
+configuration), the `Authorization` and `DPoP` headers go to `authorize` too (and are not
+forwarded, as in Portcullis): the access token from the cache, the DPoP proof verified with its
+signature and recorded in the replay store, the binding checked; the record gets the token fields
+Portcullis's record has. That is the floor for goal 2.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class Client(asyncio.Protocol):
         self.headers: list[bytes] = []
         self.peer = None
         self.ex = None
+        self.auth: tuple[str, ...] = ()
+        self.dpop: tuple[str, ...] = ()
 
     def connection_made(self, t):
         self.t = t
@@ -88,12 +95,21 @@ class Client(asyncio.Protocol):
         self.url = u
 
     def on_header(self, n, v):
+        if self.checks is not None and self.checks.credentials:
+            ln = n.lower()
+            if ln == b"authorization":
+                self.auth += (v.decode("latin-1"),)
+                return
+            if ln == b"dpop":
+                self.dpop += (v.decode("latin-1"),)
+                return
         self.headers.append(n + b": " + v + b"\r\n")
 
     def on_message_complete(self):
         if self.checks is not None:
             head = self.checks.decide(self)
             self.headers = []
+            self.auth = self.dpop = ()
             if head is None:
                 return  # refused and answered
         else:
@@ -116,6 +132,7 @@ class Checks:
         from proxy.config import load_config
         from proxy.core.audit import AuditChain
         from proxy.core.pipeline import RequestFacts, authorize, deny_error
+        from proxy.errors import ProxyError
         from proxy.runtime.listener import PeerChains, _next_decision_id, _Wall
         from proxy.runtime.metrics import Metrics
         from proxy.runtime.responses import render_error
@@ -125,6 +142,8 @@ class Checks:
         worker = Worker(load_config(config, env={}))
         worker.load()
         self.state = worker.state
+        self.credentials = bool(self.state.tokens.issuers)  # the full pipeline (pyfloor-dpop)
+        self.proxy_error = ProxyError
         self.peers = PeerChains()
         self.chain = AuditChain("pyfloor-checks")
         self.metrics = Metrics()
@@ -143,8 +162,14 @@ class Checks:
     def decide(self, c) -> bytes | None:
         t0 = time.perf_counter()
         method = c.p.get_method().decode("ascii")
-        d = self.authorize(self.facts(method, c.url.decode("latin-1"), c.peer), self.state,
-                           time.time())
+        try:
+            d = self.authorize(self.facts(method, c.url.decode("latin-1"), c.peer, c.auth, c.dpop),
+                               self.state, time.time())
+        except self.proxy_error as err:  # a refused token or proof: answered, not forwarded
+            self.metrics.decision_duration.observe(time.perf_counter() - t0)
+            c.ex = None
+            c.t.write(self.render_error(err, decision_id=self.new_id(), close=False))
+            return None
         c.ex = (t0, self.new_id(), method, d)
         self.metrics.decision_duration.observe(time.perf_counter() - t0)
         if not d.allowed:
@@ -174,6 +199,18 @@ class Checks:
             "upstream_duration_us": int(duration * 1e6), "duration_us": int(duration * 1e6),
             "outcome": "complete",
         }
+        tok = d.token
+        if tok is not None:  # the token fields of Portcullis's record (never the token itself)
+            rec["subject"] = {"iss": tok.issuer, "sub": tok.subject}
+            rec["actors"] = [a.sub for a in tok.actors]
+            rec["client_id"] = tok.client_id
+            rec["scopes"] = sorted(tok.scopes)
+            rec["acr"] = tok.acr
+            rec["token_fingerprint"] = tok.fingerprint
+            rec["binding"] = d.binding.kind
+            if d.binding.proof_fingerprint:
+                rec["proof_fingerprint"] = d.binding.proof_fingerprint
+            m.token_results.inc(("ok",))
         self.lines.append(self.chain.seal_owned(rec))
         if not self.flush_armed:
             self.flush_armed = True
