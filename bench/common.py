@@ -635,7 +635,7 @@ def start_pyfloor(h: Harness, pki: Pki, upstream_port: int, cpus: str | None, *,
                    stdout=open(audit, "ab") if audit else subprocess.DEVNULL, cwd=REPO)
     tls = client_ssl_context(pki)
     if creds is not None:
-        # no probe: without credentials a request is refused (401), which is the point
+        # ready once it answers; without credentials a request is refused (401)
         wait_until(lambda: probe(port, tls) == 401, 15, name, proc, err)
         return Target(name, name, port, True, proc, cpus, audit, stderr_file=err,
                       note="bare Python forwarder + the full pipeline's checks (fresh ES256 proof"
