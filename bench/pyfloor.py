@@ -133,7 +133,7 @@ class Checks:
         from proxy.core.audit import AuditChain
         from proxy.core.pipeline import RequestFacts, authorize, deny_error
         from proxy.errors import ProxyError
-        from proxy.runtime.listener import PeerChains, _next_decision_id, _Wall
+        from proxy.runtime.listener import PeerChains, _next_decision_id, _Wall, token_fields
         from proxy.runtime.metrics import Metrics
         from proxy.runtime.responses import render_error
         from proxy.runtime.server import Worker
@@ -143,7 +143,7 @@ class Checks:
         worker.load()
         self.state = worker.state
         self.credentials = bool(self.state.tokens.issuers)  # the full pipeline (pyfloor-dpop)
-        self.proxy_error = ProxyError
+        self.proxy_error, self.token_fields = ProxyError, token_fields
         self.peers = PeerChains()
         self.chain = AuditChain("pyfloor-checks")
         self.metrics = Metrics()
@@ -199,17 +199,8 @@ class Checks:
             "upstream_duration_us": int(duration * 1e6), "duration_us": int(duration * 1e6),
             "outcome": "complete",
         }
-        tok = d.token
-        if tok is not None:  # the token fields of Portcullis's record (never the token itself)
-            rec["subject"] = {"iss": tok.issuer, "sub": tok.subject}
-            rec["actors"] = [a.sub for a in tok.actors]
-            rec["client_id"] = tok.client_id
-            rec["scopes"] = sorted(tok.scopes)
-            rec["acr"] = tok.acr
-            rec["token_fingerprint"] = tok.fingerprint
-            rec["binding"] = d.binding.kind
-            if d.binding.proof_fingerprint:
-                rec["proof_fingerprint"] = d.binding.proof_fingerprint
+        if d.token is not None:  # the token fields of Portcullis's record, built by its code
+            self.token_fields(rec, d, (), ())
             m.token_results.inc(("ok",))
         self.lines.append(self.chain.seal_owned(rec))
         if not self.flush_armed:

@@ -465,7 +465,7 @@ class Exchange:
             rec["action"] = d.action
             rec["params_digest"] = params_digest(d.params or {})
         if self.authorization or self.dpop:
-            self._token_fields(rec, d)
+            token_fields(rec, d, self.authorization, self.dpop)
             if d is not None and d.token is not None:
                 m.token_results.inc(("ok",))
             elif err is not None and err.status == 401 or code.startswith(("token_", "dpop_")):
@@ -476,26 +476,29 @@ class Exchange:
             rec["detail"] = err.detail
         return rec
 
-    def _token_fields(self, rec: dict, d: "Decision | None") -> None:
-        """Who the token says is acting, and fingerprints (never the token or the proof)."""
-        tok = d.token if d is not None else None
-        binding = d.binding if d is not None else None
-        if tok is not None:
-            rec["subject"] = {"iss": tok.issuer, "sub": tok.subject}
-            rec["actors"] = [a.sub for a in tok.actors]
-            rec["client_id"] = tok.client_id
-            rec["scopes"] = sorted(tok.scopes)
-            rec["acr"] = tok.acr
-            rec["token_fingerprint"] = tok.fingerprint
-        elif self.authorization:
-            raw = self.authorization[0].partition(" ")[2].strip(" ")
-            rec["token_fingerprint"] = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
-        rec["binding"] = binding.kind if binding is not None else None
-        if binding is not None and binding.proof_fingerprint:
-            rec["proof_fingerprint"] = binding.proof_fingerprint
-        elif self.dpop:
-            rec["proof_fingerprint"] = hashlib.sha256(
-                self.dpop[0].encode("utf-8", "surrogateescape")).hexdigest()
+
+def token_fields(rec: dict, d: "Decision | None", authorization: tuple[str, ...],
+                 dpop: tuple[str, ...]) -> None:
+    """Add to an audit record who the token says is acting, and fingerprints (never the token or
+    the proof): from the verified token and binding when there are, else fingerprints of the
+    presented `Authorization` / `DPoP` values. (bench/pyfloor.py builds the same record.)"""
+    tok = d.token if d is not None else None
+    binding = d.binding if d is not None else None
+    if tok is not None:
+        rec["subject"] = {"iss": tok.issuer, "sub": tok.subject}
+        rec["actors"] = [a.sub for a in tok.actors]
+        rec["client_id"] = tok.client_id
+        rec["scopes"] = sorted(tok.scopes)
+        rec["acr"] = tok.acr
+        rec["token_fingerprint"] = tok.fingerprint
+    elif authorization:
+        raw = authorization[0].partition(" ")[2].strip(" ")
+        rec["token_fingerprint"] = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
+    rec["binding"] = binding.kind if binding is not None else None
+    if binding is not None and binding.proof_fingerprint:
+        rec["proof_fingerprint"] = binding.proof_fingerprint
+    elif dpop:
+        rec["proof_fingerprint"] = hashlib.sha256(dpop[0].encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _raw_path(url: bytes) -> str:
