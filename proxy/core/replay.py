@@ -105,10 +105,9 @@ class MemoryReplayStore:
         if expires_at <= now:
             return False  # nothing to remember: the value is already outside its window
         if key not in expiry and len(expiry) >= self.max_entries:
-            if now < self._live_until:  # full, and nothing can have expired since it last looked
-                raise ReplayStoreFull(detail=f"{len(expiry)} live records (max_entries)")
-            self._purge(now, None)
-            self._live_until = self._purge_current(now)
+            if now >= self._live_until:  # else nothing can have expired since it last looked
+                self._purge(now, None)
+                self._live_until = self._purge_current(now)
             if len(expiry) >= self.max_entries:
                 raise ReplayStoreFull(detail=f"{len(expiry)} live records (max_entries)")
         expiry[key] = expires_at
